@@ -1,0 +1,15 @@
+"""Flask + Flask-SQLAlchemy adapter: reads to replicas, writes to the primary."""
+
+from __future__ import annotations
+
+from replicated_core import ReplicaWriteError, changes_database, use_primary, use_replica
+
+from .extension import FlaskReplicated
+
+__all__ = [
+    "FlaskReplicated",
+    "ReplicaWriteError",
+    "changes_database",
+    "use_primary",
+    "use_replica",
+]

@@ -1,0 +1,123 @@
+"""``FlaskReplicated``: the Flask + Flask-SQLAlchemy adapter."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
+
+from flask import Flask, Response, current_app, request
+from flask.signals import request_started, request_tearing_down
+from flask_sqlalchemy import SQLAlchemy
+
+from replicated_core.binds import build_nodes
+from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to_settings
+from replicated_core.intent import forces_primary
+from replicated_core.router import Router
+from replicated_core.routing import RequestFacts
+from replicated_core.sticky import StickyCodec
+
+from .engines import RoutedEngines
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+__all__ = ["FlaskReplicated"]
+
+logger = logging.getLogger("replicated")
+
+
+class FlaskReplicated:
+    """Routes a Flask-SQLAlchemy app's reads to replicas and its writes to the primary.
+
+    Create it after Flask-SQLAlchemy: ``db = SQLAlchemy(app); FlaskReplicated(app)``,
+    or ``rep = FlaskReplicated(); rep.init_app(app)`` after ``db.init_app(app)``.
+    Keyword options are defaults for the ``REPLICATED_*`` keys of each app's config
+    (``sticky_mode="time"`` for ``REPLICATED_STICKY_MODE``); the config wins.
+    """
+
+    def __init__(self, app: Flask | None = None, **options: Any) -> None:
+        self._settings = options_to_settings(options)
+        self._routers: WeakKeyDictionary[Flask, Router] = WeakKeyDictionary()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Read the app's config once, check it, and hook the app's requests.
+
+        Raises ``ConfigError`` naming the key for bad config, and RuntimeError when
+        Flask-SQLAlchemy was not set up on the app first.
+        """
+        db = app.extensions.get("sqlalchemy")
+        if not isinstance(db, SQLAlchemy):
+            raise RuntimeError(
+                "FlaskReplicated needs Flask-SQLAlchemy on the app first: call "
+                "'db.init_app(app)' (or 'SQLAlchemy(app)') before 'FlaskReplicated(app)'."
+            )
+        for key, value in {**DEFAULTS, **self._settings}.items():
+            app.config.setdefault(key, value)
+        config = load_config(app.config)
+        with app.app_context():
+            engines: dict[str | None, Engine] = dict(db.engines)
+        default = engines.get(None)
+        binds = {key: engine for key, engine in engines.items() if key is not None}
+        primary, replicas = build_nodes(config, binds, default)
+        codec = StickyCodec(app.secret_key) if app.secret_key else None
+        router = Router(config, primary, replicas, codec)
+        if codec is None and router.sticky_mode is not StickyMode.OFF:
+            logger.warning(
+                "SECRET_KEY is not set, so the sticky cookie cannot be signed and is not "
+                "used: after a write, a client's next requests read from replicas at once "
+                "and may miss that write until the replicas catch up. Set SECRET_KEY to "
+                "keep clients on the primary after their writes."
+            )
+        # The one private touch: Flask-SQLAlchemy keeps each app's engines in this
+        # mapping and offers no hook to route its default entry.
+        db._app_engines[app] = RoutedEngines(engines, router)
+        self._routers[app] = router
+        app.extensions["replicated"] = self
+        request_started.connect(self._request_started, app, weak=False)
+        app.after_request(self._after_request)
+        request_tearing_down.connect(self._request_tearing_down, app, weak=False)
+
+    def router(self, app: Flask | None = None) -> Router:
+        """The router of ``app`` (default: the current app)."""
+        target = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
+        return self._routers[target]
+
+    # -- hooks, in request order -------------------------------------------------
+
+    def _request_started(self, app: Flask, **extra: Any) -> None:
+        router = self._routers[app]
+        endpoint = request.endpoint
+        view = app.view_functions.get(endpoint) if endpoint is not None else None
+        facts = RequestFacts(
+            method=request.method,
+            view=endpoint,
+            readonly=request.method in router.config.readonly_methods,
+            forced_primary=forces_primary(view),
+        )
+        router.begin(facts, request.cookies.get(router.config.cookie_name))
+
+    def _after_request(self, response: Response) -> Response:
+        router = self._routers[current_app._get_current_object()]  # type: ignore[attr-defined]
+        update = router.cookie_update()
+        if update is None:
+            return response
+        path = current_app.config["APPLICATION_ROOT"] or "/"
+        if update.value is None:
+            response.delete_cookie(update.name, path=path, httponly=True, samesite="Lax")
+        else:
+            response.set_cookie(
+                update.name,
+                update.value,
+                max_age=update.max_age,
+                path=path,
+                secure=request.is_secure,
+                httponly=True,
+                samesite="Lax",
+            )
+        return response
+
+    def _request_tearing_down(self, app: Flask, **extra: Any) -> None:
+        self._routers[app].end()

@@ -1,0 +1,178 @@
+"""The routing intent of the running code, kept in contextvars.
+
+Two variables hold it: the request scope, set by an adapter for the length of a
+request, and an override stack set by ``use_primary()``, ``use_replica()`` and
+``@changes_database``. Both are contextvars, so threads and asyncio tasks never
+see each other's intent, and both are reset with tokens, so nothing leaks into
+the next request served by the same thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
+    from types import TracebackType
+
+    from .routing import Node, RequestScope
+
+__all__ = [
+    "Intent",
+    "Override",
+    "changes_database",
+    "current_override",
+    "current_scope",
+    "use_primary",
+    "use_replica",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+PRIMARY_MARKER = "__replicated_primary__"
+
+
+class Intent(enum.Enum):
+    """Where the code means its statements to go."""
+
+    PRIMARY = "primary"
+    REPLICA = "replica"
+
+
+@dataclass(slots=True)
+class Override:
+    """One ``use_primary()``/``use_replica()`` block; remembers the replica it picked."""
+
+    intent: Intent
+    node: Node | None = field(default=None)
+
+
+_override: ContextVar[Override | None] = ContextVar("replicated_override", default=None)
+_scope: ContextVar[RequestScope | None] = ContextVar("replicated_scope", default=None)
+
+
+def current_override() -> Override | None:
+    """The innermost active ``use_primary()``/``use_replica()`` block, if any."""
+    return _override.get()
+
+
+def current_scope() -> RequestScope | None:
+    """The routing state of the request being served, or None outside a request."""
+    return _scope.get()
+
+
+def enter_scope(scope: RequestScope) -> None:
+    """Make ``scope`` the current request's state until ``exit_scope(scope)``."""
+    scope.token = _scope.set(scope)
+
+
+def exit_scope(scope: RequestScope) -> None:
+    """Restore what was current before ``enter_scope(scope)``."""
+    if scope.token is not None:
+        _scope.reset(scope.token)
+        scope.token = None
+
+
+class _IntentBlock:
+    """A context manager that is also a decorator for sync and async functions."""
+
+    __slots__ = ("_intent", "_tokens")
+
+    def __init__(self, intent: Intent) -> None:
+        self._intent = intent
+        self._tokens: list[Token[Override | None]] = []
+
+    def __enter__(self) -> None:
+        self._tokens.append(_override.set(Override(self._intent)))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        _override.reset(self._tokens.pop())
+
+    @overload
+    def __call__(
+        self, func: Callable[P, Coroutine[Any, Any, R]]
+    ) -> Callable[P, Coroutine[Any, Any, R]]: ...
+    @overload
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]: ...
+    def __call__(self, func: Callable[P, Any]) -> Callable[P, Any]:
+        return _wrap(func, self._intent)
+
+
+def _wrap(func: Callable[P, Any], intent: Intent) -> Callable[P, Any]:
+    # A fresh Override per call: a decorated coroutine may run in many tasks at once,
+    # so the token must live in the call's frame, not on a shared object.
+    if inspect.iscoroutinefunction(func):
+        coro_func = cast("Callable[P, Coroutine[Any, Any, Any]]", func)
+
+        @functools.wraps(func)
+        async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            token = _override.set(Override(intent))
+            try:
+                return await coro_func(*args, **kwargs)
+            finally:
+                _override.reset(token)
+
+        return async_wrapper
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+        token = _override.set(Override(intent))
+        try:
+            return func(*args, **kwargs)
+        finally:
+            _override.reset(token)
+
+    return wrapper
+
+
+def use_primary() -> _IntentBlock:
+    """Send every statement inside the block (or decorated function) to the primary.
+
+    Works inside and outside a request, nests, and restores the previous intent on
+    exit. Within a request, reads after the block stay on the primary too, so the
+    request sees its own writes.
+    """
+    return _IntentBlock(Intent.PRIMARY)
+
+
+def use_replica() -> _IntentBlock:
+    """Send every statement inside the block (or decorated function) to a replica.
+
+    One replica serves the whole block. A write inside it raises ``ReplicaWriteError``.
+    When no replica is usable, the primary serves the reads.
+    """
+    return _IntentBlock(Intent.REPLICA)
+
+
+@overload
+def changes_database(
+    func: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]: ...
+@overload
+def changes_database(func: Callable[P, R]) -> Callable[P, R]: ...
+def changes_database(func: Callable[P, Any]) -> Callable[P, Any]:
+    """Mark a view (sync or async) so that its whole request uses the primary.
+
+    Place it below ``@app.route``, as in flask_replicated 1.1. The adapters see the
+    mark before the request's own hooks run; called outside a request, the function
+    still runs on the primary.
+    """
+    wrapper = _wrap(func, Intent.PRIMARY)
+    setattr(wrapper, PRIMARY_MARKER, True)
+    return wrapper
+
+
+def forces_primary(view: object) -> bool:
+    """Whether ``view`` was decorated with ``@changes_database``."""
+    return getattr(view, PRIMARY_MARKER, False) is True

@@ -1,0 +1,211 @@
+"""The router: turns the routing intent into a node for every statement.
+
+Adapters build one Router per app from its engines, open a request scope at the
+start of each request, and ask ``node()`` whenever SQLAlchemy needs a bind.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+
+from .config import ReplicatedConfig, StickyMode
+from .errors import ReplicaWriteError
+from .intent import Intent, current_override, current_scope, enter_scope, exit_scope
+from .routing import Decision, Node, ReplicaView, RequestFacts, RequestScope, Role, decide
+from .statements import is_write_sql
+from .sticky import StickyCodec, StickyToken
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sqlalchemy.engine import Engine
+
+__all__ = ["CookieUpdate", "Router"]
+
+_READ_ONLY_SQLSTATE = "25006"
+
+
+@dataclass(frozen=True, slots=True)
+class CookieUpdate:
+    """A change to the sticky cookie: set ``value``, or delete it when None.
+
+    Adapters set it HttpOnly, SameSite=Lax, Secure on HTTPS, at the app's root path.
+    """
+
+    name: str
+    value: str | None
+    max_age: int
+
+
+class Router:
+    """Chooses the node for each statement of one app and guards replicas against writes."""
+
+    def __init__(
+        self,
+        config: ReplicatedConfig,
+        primary: Node,
+        replicas: Sequence[Node],
+        codec: StickyCodec | None,
+    ) -> None:
+        self.config = config
+        self.primary = primary
+        self.replicas = tuple(replicas)
+        self.codec = codec
+        self.sticky_mode = config.sticky_mode.resolve(primary.engine.dialect.name == "postgresql")
+        self.sticky_ttl = config.sticky_ttl(self.sticky_mode)
+        self._random = random.Random()
+        self._install_guards()
+
+    # -- per request -------------------------------------------------------------
+
+    def begin(self, facts: RequestFacts, cookie: str | None) -> Decision:
+        """Decide where the request reads and make that the current scope."""
+        sticky = self.read_cookie(cookie) if facts.readonly and not facts.forced_primary else None
+        decision = decide(facts, sticky, self.primary, self._replica_views(), self._choose)
+        enter_scope(RequestScope(self, facts, decision))
+        return decision
+
+    def end(self) -> None:
+        """Close the request scope opened by ``begin``; a no-op when there is none."""
+        scope = current_scope()
+        if scope is not None and scope.owner is self:
+            exit_scope(scope)
+
+    def read_cookie(self, cookie: str | None) -> StickyToken | None:
+        """The valid sticky token in ``cookie``, or None; never raises."""
+        if cookie is None or self.codec is None or self.sticky_mode is StickyMode.OFF:
+            return None
+        return self.codec.loads(cookie, max_age=self.sticky_ttl)
+
+    def needs_write_position(self) -> bool:
+        """Whether the response must carry the primary's WAL position (ask it first)."""
+        scope = current_scope()
+        return (
+            scope is not None
+            and scope.owner is self
+            and scope.wrote
+            and self.codec is not None
+            and self.sticky_mode is StickyMode.WAL
+        )
+
+    def cookie_update(self, lsn: int | None = None) -> CookieUpdate | None:
+        """How the current response must change the sticky cookie, if at all.
+
+        After a write: set it (with ``lsn``, the primary's position after the write,
+        in WAL mode). After a read that found every replica caught up: delete it.
+        """
+        scope = current_scope()
+        if scope is None or scope.owner is not self or self.codec is None:
+            return None
+        if self.sticky_mode is StickyMode.OFF:
+            return None
+        name = self.config.cookie_name
+        if scope.wrote:
+            value = self.codec.dumps(StickyToken(lsn))
+            return CookieUpdate(name, value, math.ceil(self.sticky_ttl))
+        if scope.decision.drop_cookie:
+            return CookieUpdate(name, None, 0)
+        return None
+
+    def current_decision(self) -> Decision | None:
+        """The decision of the request being served by this router, if any."""
+        scope = current_scope()
+        return scope.decision if scope is not None and scope.owner is self else None
+
+    # -- per statement -----------------------------------------------------------
+
+    def node(self) -> Node:
+        """The node for the next statement, from the current intent. The hot path."""
+        override = current_override()
+        scope = current_scope()
+        if scope is not None and scope.owner is not self:
+            scope = None
+        if override is not None:
+            if override.intent is Intent.PRIMARY:
+                if scope is not None:
+                    scope.primary_used = True
+                return self.primary
+            if override.node is None:
+                override.node = self._replica_for_block(scope)
+            return override.node
+        if scope is None:
+            return self.primary
+        if scope.primary_used:
+            return self.primary
+        return scope.decision.node
+
+    def engine(self) -> Engine:
+        """The sync Engine for the next statement."""
+        return self.node().engine
+
+    # -- replicas ----------------------------------------------------------------
+
+    def _replica_views(self) -> list[ReplicaView]:
+        return [ReplicaView(node, True, None) for node in self.replicas]
+
+    def _choose(self, nodes: Sequence[Node]) -> Node:
+        # Random rather than round-robin: no counter shared between threads, and many
+        # worker processes spread evenly without coordinating.
+        return nodes[0] if len(nodes) == 1 else self._random.choice(nodes)
+
+    def _replica_for_block(self, scope: RequestScope | None) -> Node:
+        if scope is not None and scope.decision.node.role is Role.REPLICA:
+            return scope.decision.node
+        usable = [view.node for view in self._replica_views() if view.usable]
+        return self._choose(usable) if usable else self.primary
+
+    # -- guards ------------------------------------------------------------------
+
+    def _install_guards(self) -> None:
+        event.listen(self.primary.engine, "before_cursor_execute", self._note_write)
+        for node in self.replicas:
+            event.listen(node.engine, "before_cursor_execute", self._refuse_write(node))
+            event.listen(node.engine, "handle_error", self._translate_refusal(node))
+
+    def _note_write(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        scope = current_scope()
+        if scope is not None and not scope.wrote and is_write_sql(statement):
+            scope.wrote = True
+
+    def _refuse_write(self, node: Node) -> Any:
+        def refuse(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if is_write_sql(statement):
+                raise ReplicaWriteError(self.write_message(node))
+
+        return refuse
+
+    def _translate_refusal(self, node: Node) -> Any:
+        def translate(context: Any) -> None:
+            orig = context.original_exception
+            code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+            if code == _READ_ONLY_SQLSTATE:
+                raise ReplicaWriteError(self.write_message(node)) from context.sqlalchemy_exception
+
+        return translate
+
+    def write_message(self, node: Node) -> str:
+        """The sentence that tells the user why a write was refused and what to do."""
+        override = current_override()
+        if override is not None and override.intent is Intent.REPLICA:
+            return (
+                f"A write was sent to the replica '{node.name}' inside 'use_replica()'. "
+                "Move the write out of the 'use_replica()' block or wrap it in 'use_primary()'."
+            )
+        scope = current_scope()
+        if scope is not None and scope.decision.node is node:
+            facts = scope.facts
+            kind = "websocket" if facts.websocket else f"{facts.method} request"
+            return (
+                f"The view '{facts.view}' wrote to the database during a {kind}, which is "
+                "routed to a replica. Decorate it with '@changes_database' or wrap the "
+                "write in 'use_primary()'."
+            )
+        return (
+            f"A write was sent to the replica '{node.name}', which only serves reads. "
+            "Send it to the primary: wrap it in 'use_primary()'."
+        )

@@ -1,0 +1,138 @@
+"""The routing decision for a request: a pure function of what is known at its start."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from contextvars import Token
+
+    from sqlalchemy.engine import Engine
+
+    from .sticky import StickyToken
+
+__all__ = [
+    "Decision",
+    "Node",
+    "Reason",
+    "ReplicaView",
+    "RequestFacts",
+    "RequestScope",
+    "Role",
+    "decide",
+]
+
+
+class Role(enum.Enum):
+    PRIMARY = "primary"
+    REPLICA = "replica"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Node:
+    """One database server as the router sees it: a bind name and its sync Engine."""
+
+    name: str
+    role: Role
+    engine: Engine
+
+
+class Reason(enum.Enum):
+    """Why a request, or a statement, went where it went."""
+
+    OUTSIDE_REQUEST = "outside a request"
+    WRITE_METHOD = "the method may write"
+    WEBSOCKET = "websocket"
+    DECORATOR = "@changes_database"
+    USE_PRIMARY = "use_primary()"
+    USE_REPLICA = "use_replica()"
+    PINNED = "the request used the primary before"
+    STICKY = "the client wrote recently"
+    STICKY_REPLICAS_BEHIND = "the client wrote and no replica has replayed it yet"
+    REPLICA_CAUGHT_UP = "the client wrote and this replica has replayed it"
+    READ = "read-only request"
+    NO_REPLICA = "no usable replica"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What an adapter knows about a request before its first statement."""
+
+    method: str
+    view: str | None
+    readonly: bool
+    forced_primary: bool
+    websocket: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    """A replica as the health registry reports it at the start of a request."""
+
+    node: Node
+    usable: bool
+    replay_lsn: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a request reads, why, and whether its sticky cookie can be dropped."""
+
+    node: Node
+    reason: Reason
+    drop_cookie: bool = False
+
+
+def decide(
+    facts: RequestFacts,
+    sticky: StickyToken | None,
+    primary: Node,
+    replicas: Sequence[ReplicaView],
+    choose: Callable[[Sequence[Node]], Node],
+) -> Decision:
+    """Choose the node that serves a request's reads.
+
+    A write (by method or decorator) takes the primary. A sticky client reads from
+    a replica only if that replica has replayed past the client's write (WAL mode);
+    with no position in the token (time mode) it reads from the primary. The cookie
+    may be dropped once every configured replica has replayed the write: dropping
+    it when only the first one has would let the next request hit a stale one.
+    """
+    if facts.forced_primary:
+        return Decision(primary, Reason.DECORATOR)
+    if not facts.readonly:
+        return Decision(primary, Reason.WEBSOCKET if facts.websocket else Reason.WRITE_METHOD)
+    usable = [r for r in replicas if r.usable]
+    if sticky is not None:
+        if sticky.lsn is None:
+            return Decision(primary, Reason.STICKY)
+        lsn = sticky.lsn
+        caught_up = [r.node for r in usable if r.replay_lsn is not None and r.replay_lsn >= lsn]
+        if not caught_up:
+            return Decision(primary, Reason.STICKY_REPLICAS_BEHIND)
+        everywhere = all(r.replay_lsn is not None and r.replay_lsn >= lsn for r in replicas)
+        return Decision(choose(caught_up), Reason.REPLICA_CAUGHT_UP, drop_cookie=everywhere)
+    if not usable:
+        return Decision(primary, Reason.NO_REPLICA)
+    return Decision(choose([r.node for r in usable]), Reason.READ)
+
+
+class RequestScope:
+    """The routing state of one request, mutated as its statements run.
+
+    ``owner`` is the router that opened it, so that another app's engines used in
+    the same request are not steered by it; ``token`` resets the contextvar.
+    """
+
+    __slots__ = ("decision", "facts", "owner", "primary_used", "token", "wrote")
+
+    def __init__(self, owner: object, facts: RequestFacts, decision: Decision) -> None:
+        self.owner = owner
+        self.facts = facts
+        self.decision = decision
+        self.primary_used = decision.node.role is Role.PRIMARY
+        self.wrote = False
+        self.token: Token[RequestScope | None] | None = None

@@ -1,0 +1,62 @@
+"""The signed sticky cookie: after a write, where the client's reads must go."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from itsdangerous import BadData, URLSafeTimedSerializer
+
+__all__ = ["MAX_COOKIE_LENGTH", "StickyCodec", "StickyToken"]
+
+# A real token is about 60 characters; anything much longer is not ours.
+MAX_COOKIE_LENGTH = 200
+_MAX_LSN = 2**64 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class StickyToken:
+    """What a writing request tells the client's later requests.
+
+    ``lsn`` is the primary's WAL position after the write (PostgreSQL, "wal" mode),
+    or None when only the time of the write is known ("time" mode).
+    """
+
+    lsn: int | None = None
+
+
+class StickyCodec:
+    """Signs and checks sticky cookies with the app's secret key.
+
+    ``loads`` never raises: a missing, garbled, forged, expired or oversized cookie
+    reads as no cookie at all.
+    """
+
+    def __init__(self, secret_key: str | bytes, salt: str = "replicated.sticky") -> None:
+        self._serializer = URLSafeTimedSerializer(secret_key, salt=salt)
+
+    def dumps(self, token: StickyToken) -> str:
+        """The cookie value for ``token``, stamped with the current time."""
+        return self._serializer.dumps([token.lsn])
+
+    def loads(self, value: str | None, max_age: float) -> StickyToken | None:
+        """The token in ``value`` if it is ours and younger than ``max_age`` seconds."""
+        if not value or len(value) > MAX_COOKIE_LENGTH:
+            return None
+        try:
+            payload, signed_at = self._serializer.loads(value, return_timestamp=True)
+        except (BadData, ValueError, TypeError, OverflowError):
+            return None
+        # The stamp is in whole seconds, rounded down: the age read here is never
+        # less than the true one, so a cookie never outlives max_age.
+        age = time.time() - signed_at.timestamp()
+        if not 0 <= age <= max_age:
+            return None
+        if not isinstance(payload, list) or len(payload) != 1:
+            return None
+        lsn = payload[0]
+        if lsn is None:
+            return StickyToken()
+        if isinstance(lsn, bool) or not isinstance(lsn, int) or not 0 <= lsn <= _MAX_LSN:
+            return None
+        return StickyToken(lsn=lsn)
