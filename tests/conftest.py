@@ -1,0 +1,59 @@
+"""Shared fixtures. The PostgreSQL cluster fixtures (pg_cluster, pg_cluster_factory)
+come from the project's own pytest plugin, replicated_core.pytest_plugin."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from support import (
+    Backend,
+    create_pg_schema,
+    dispose_flask_app,
+    make_flask_app,
+    pg_backend,
+    sqlite_backend,
+)
+
+
+@pytest.fixture(scope="session")
+def postgresql_backend(pg_cluster: Any) -> Backend:
+    create_pg_schema(pg_cluster)
+    return pg_backend(pg_cluster)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Backend:
+    """Each adapter test runs on SQLite files and on the real PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return sqlite_backend(tmp_path)
+    backend: Backend = request.getfixturevalue("postgresql_backend")
+    return backend
+
+
+@pytest.fixture
+def flask_app_factory(backend: Backend) -> Iterator[Callable[..., Any]]:
+    apps: list[Any] = []
+
+    def build(**kwargs: Any) -> Any:
+        app = make_flask_app(backend, **kwargs)
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        dispose_flask_app(app)
+
+
+@pytest.fixture
+def flask_app(flask_app_factory: Callable[..., Any]) -> Any:
+    return flask_app_factory()
+
+
+@pytest.fixture
+def pg_flask_app(postgresql_backend: Backend) -> Iterator[Any]:
+    """A Flask app on the PostgreSQL cluster only, for what SQLite cannot show."""
+    app = make_flask_app(postgresql_backend)
+    yield app
+    dispose_flask_app(app)

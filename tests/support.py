@@ -1,0 +1,142 @@
+"""Test apps and server identities shared by the adapter tests (not fixtures)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+SCHEMA = "CREATE TABLE items (id {pk}, name VARCHAR(200) NOT NULL)"
+
+
+@dataclass
+class Backend:
+    """A primary and its replicas, with a way to ask a connection who it is."""
+
+    name: str
+    urls: dict[str, str]  # label ("primary", "replica", "lagging") -> sync URL
+    async_urls: dict[str, str]
+    who_sql: str
+    identities: dict[str, str] = field(default_factory=dict)  # server identity -> label
+
+    def label(self, identity: object) -> str:
+        return self.identities[str(identity)]
+
+    def who(self, conn: sa.Connection | Any) -> str:
+        """Which node answered on ``conn`` (a Connection or Session)."""
+        return self.label(conn.execute(sa.text(self.who_sql)).scalar())
+
+    def url(self, label: str, *, asynchronous: bool = False) -> str:
+        return (self.async_urls if asynchronous else self.urls)[label]
+
+
+def sqlite_backend(folder: Path) -> Backend:
+    """Three SQLite files posing as a primary and two replicas, with the same schema."""
+    urls, async_urls, identities = {}, {}, {}
+    for label in ("primary", "replica", "lagging"):
+        path = folder / f"{label}.sqlite3"
+        engine = sa.create_engine(f"sqlite:///{path}")
+        with engine.begin() as conn:
+            conn.execute(sa.text(SCHEMA.format(pk="INTEGER PRIMARY KEY")))
+        engine.dispose()
+        urls[label] = f"sqlite:///{path}"
+        async_urls[label] = f"sqlite+aiosqlite:///{path}"
+        identities[str(path)] = label
+    return Backend(
+        "sqlite",
+        urls,
+        async_urls,
+        "SELECT file FROM pragma_database_list WHERE name = 'main'",
+        identities,
+    )
+
+
+def pg_backend(cluster: Any) -> Backend:
+    """The session's PostgreSQL cluster: ports tell the nodes apart."""
+    nodes = {"primary": cluster.primary, **{n.name: n for n in cluster.replicas}}
+    return Backend(
+        "postgresql",
+        {label: node.url("psycopg") for label, node in nodes.items()},
+        {label: node.url("asyncpg") for label, node in nodes.items()},
+        "SELECT inet_server_port()",
+        {str(node.port): label for label, node in nodes.items()},
+    )
+
+
+def create_pg_schema(cluster: Any) -> None:
+    """(Re)create the items table on the primary and wait until replicas have it."""
+    engine = sa.create_engine(cluster.primary.url("psycopg"))
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS items"))
+        conn.execute(sa.text(SCHEMA.format(pk="SERIAL PRIMARY KEY")))
+    engine.dispose()
+    cluster.wait_for_replay(include_delayed=True)
+
+
+def make_flask_app(backend: Backend, replica: str | list[str] = "replica", **config: Any) -> Any:
+    """A Flask app with FlaskReplicated whose views report which node answered.
+
+    ``app.db``, ``app.Item`` and ``app.backend`` are attached for the tests. The
+    default replica list holds one bind named "slave", as in flask_replicated 1.1.
+    """
+    from flask import Flask, request
+    from flask_sqlalchemy import SQLAlchemy
+
+    from flask_replicated import FlaskReplicated, changes_database
+
+    replicas = [replica] if isinstance(replica, str) else replica
+    binds = {"master": backend.url("primary")}
+    if len(replicas) == 1:
+        binds["slave"] = backend.url(replicas[0])
+    else:
+        binds.update({label: backend.url(label) for label in replicas})
+        config.setdefault("REPLICATED_REPLICA_BINDS", replicas)
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY="test-secret-key",
+        TESTING=True,
+        SQLALCHEMY_DATABASE_URI=backend.url("primary"),
+        SQLALCHEMY_BINDS=binds,
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 10} if backend.name == "postgresql" else {},
+    )
+    app.config.update(config)
+    db = SQLAlchemy(app)
+
+    class Item(db.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = "items"
+        id = sa.Column(sa.Integer, primary_key=True)
+        name = sa.Column(sa.String(200), nullable=False)
+
+    FlaskReplicated(app)
+
+    @app.route("/who", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+    def who() -> Any:
+        node = backend.who(db.session)
+        return node, 200, {"X-Who": node}
+
+    @app.route("/items", methods=["GET", "POST"])
+    def items() -> Any:
+        if request.method == "POST":
+            db.session.add(Item(name=request.form["name"]))
+            db.session.commit()
+            return "", 303, {"Location": "/items"}
+        names = db.session.scalars(sa.select(Item.name).order_by(Item.id)).all()
+        return {"names": names, "node": backend.who(db.session)}
+
+    @app.get("/forced")
+    @changes_database
+    def forced() -> Any:
+        return backend.who(db.session)
+
+    app.db = db  # type: ignore[attr-defined]
+    app.Item = Item  # type: ignore[attr-defined]
+    app.backend = backend  # type: ignore[attr-defined]
+    return app
+
+
+def dispose_flask_app(app: Any) -> None:
+    """Close every pooled connection of the app's engines."""
+    for engine in app.db._app_engines[app].values():
+        engine.dispose()

@@ -1,0 +1,37 @@
+"""Package shape: the import rule, the public names, the shared objects."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import flask_replicated
+import replicated_core
+
+
+def test_the_core_imports_no_framework():
+    code = (
+        "import sys, replicated_core, replicated_core.router, replicated_core.binds, "
+        "replicated_core.sticky, replicated_core.statements\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('flask', 'quart', "
+        "'flask_sqlalchemy', 'werkzeug') or m.startswith('sqlalchemy.ext.asyncio'))\n"
+        "print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", [replicated_core, flask_replicated])
+def test_all_is_sorted_and_complete(module):
+    assert list(module.__all__) == sorted(module.__all__)
+    for name in module.__all__:
+        assert hasattr(module, name), name
+
+
+@pytest.mark.parametrize(
+    "name", ["changes_database", "use_primary", "use_replica", "ReplicaWriteError"]
+)
+def test_adapters_reexport_the_core_objects(name):
+    assert getattr(flask_replicated, name) is getattr(replicated_core, name)
