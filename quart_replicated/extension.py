@@ -1,0 +1,214 @@
+"""``QuartReplicated``: the Quart + SQLAlchemy asyncio adapter."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from quart import Quart, Response, current_app, g, request, websocket
+from quart.signals import (
+    request_started,
+    request_tearing_down,
+    websocket_started,
+    websocket_tearing_down,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from replicated_core.binds import build_nodes
+from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to_settings
+from replicated_core.intent import forces_primary
+from replicated_core.router import Router
+from replicated_core.routing import RequestFacts
+from replicated_core.session import RoutingSession
+from replicated_core.sticky import StickyCodec
+
+from .engines import create_engines
+
+__all__ = ["QuartReplicated"]
+
+logger = logging.getLogger("replicated")
+
+_SESSION_KEY = "_replicated_session"
+
+
+@dataclass(slots=True)
+class _AppState:
+    router: Router
+    engines: dict[str | None, AsyncEngine]
+    by_node: dict[str, AsyncEngine]
+    sessions: async_sessionmaker[AsyncSession]
+
+
+class QuartReplicated:
+    """Routes a Quart app's reads to replicas and its writes to the primary.
+
+    ``rep = QuartReplicated(app)`` (or ``init_app``) creates the async engines from
+    ``SQLALCHEMY_DATABASE_URI`` and ``SQLALCHEMY_BINDS`` and hands out
+    ``rep.session``, one AsyncSession per app context. Keyword options are defaults
+    for the app's ``REPLICATED_*`` keys; ``session_options`` go to the AsyncSession
+    (``expire_on_commit`` defaults to False, as SQLAlchemy advises for asyncio) and
+    ``engine_options`` to every engine.
+    """
+
+    def __init__(
+        self,
+        app: Quart | None = None,
+        *,
+        session_options: dict[str, Any] | None = None,
+        engine_options: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        self._settings = options_to_settings(options)
+        self._session_options = {"expire_on_commit": False, **(session_options or {})}
+        self._engine_options = engine_options or {}
+        self._apps: WeakKeyDictionary[Quart, _AppState] = WeakKeyDictionary()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Quart) -> None:
+        """Read the app's config once, check it, create the engines, hook the app.
+
+        Raises ``ConfigError`` naming the key for bad config. Engines are disposed
+        when the app stops serving.
+        """
+        for key, value in {**DEFAULTS, **self._settings}.items():
+            app.config.setdefault(key, value)
+        config = load_config(app.config)
+        engines = create_engines(app.config, self._engine_options)
+        default = engines.get(None)
+        binds = {key: e.sync_engine for key, e in engines.items() if key is not None}
+        try:
+            primary, replicas = build_nodes(
+                config, binds, default.sync_engine if default is not None else None
+            )
+        except Exception:
+            for engine in engines.values():
+                engine.sync_engine.dispose()
+            raise
+        codec = StickyCodec(app.secret_key) if app.secret_key else None
+        router = Router(config, primary, replicas, codec)
+        if codec is None and router.sticky_mode is not StickyMode.OFF:
+            logger.warning(
+                "SECRET_KEY is not set, so the sticky cookie cannot be signed and is not "
+                "used: after a write, a client's next requests read from replicas at once "
+                "and may miss that write until the replicas catch up. Set SECRET_KEY to "
+                "keep clients on the primary after their writes."
+            )
+        by_sync = {id(e.sync_engine): e for e in engines.values()}
+        by_node = {n.name: by_sync[id(n.engine)] for n in (primary, *replicas)}
+        other = {k: e for k, e in binds.items() if k not in by_node}
+        sessions = async_sessionmaker(
+            sync_session_class=RoutingSession,
+            router=router,
+            bind_engines=other,
+            **self._session_options,
+        )
+        self._apps[app] = _AppState(router, engines, by_node, sessions)
+        app.extensions["replicated"] = self
+        request_started.connect(self._request_started, app, weak=False)
+        websocket_started.connect(self._websocket_started, app, weak=False)
+        app.after_request(self._after_request)
+        request_tearing_down.connect(self._tearing_down, app, weak=False)
+        websocket_tearing_down.connect(self._tearing_down, app, weak=False)
+        app.teardown_appcontext(self._close_session)
+        app.after_serving(self._dispose)
+
+    # -- public ------------------------------------------------------------------
+
+    @property
+    def session(self) -> AsyncSession:
+        """The AsyncSession of the current app context (request, app_context, CLI).
+
+        Created on first use, closed when the context ends; never shared between
+        concurrent requests. Requires an app context.
+        """
+        session: AsyncSession | None = g.get(_SESSION_KEY)
+        if session is None:
+            session = self._state().sessions()
+            setattr(g, _SESSION_KEY, session)
+        return session
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The primary's AsyncEngine for the current app."""
+        state = self._state()
+        return state.by_node[state.router.primary.name]
+
+    def get_engine(self) -> AsyncEngine:
+        """The AsyncEngine the current intent routes to (primary or a replica)."""
+        state = self._state()
+        return state.by_node[state.router.node().name]
+
+    @property
+    def engines(self) -> dict[str | None, AsyncEngine]:
+        """Every AsyncEngine of the current app by bind key (None: the default URI)."""
+        return dict(self._state().engines)
+
+    def router(self, app: Quart | None = None) -> Router:
+        """The router of ``app`` (default: the current app)."""
+        return self._state(app).router
+
+    def _state(self, app: Quart | None = None) -> _AppState:
+        target = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
+        return self._apps[target]
+
+    # -- hooks, in request order; all async: a sync hook's contextvars are lost ----
+
+    async def _request_started(self, app: Quart, **extra: Any) -> None:
+        router = self._apps[app].router
+        endpoint = request.endpoint
+        view = app.view_functions.get(endpoint) if endpoint is not None else None
+        facts = RequestFacts(
+            method=request.method,
+            view=endpoint,
+            readonly=request.method in router.config.readonly_methods,
+            forced_primary=forces_primary(view),
+        )
+        router.begin(facts, request.cookies.get(router.config.cookie_name))
+
+    async def _websocket_started(self, app: Quart, **extra: Any) -> None:
+        router = self._apps[app].router
+        endpoint = websocket.endpoint
+        view = app.view_functions.get(endpoint) if endpoint is not None else None
+        facts = RequestFacts(
+            method="WEBSOCKET",
+            view=endpoint,
+            readonly=router.config.websocket_readonly,
+            forced_primary=forces_primary(view),
+            websocket=True,
+        )
+        router.begin(facts, websocket.cookies.get(router.config.cookie_name))
+
+    async def _after_request(self, response: Response) -> Response:
+        router = self._state().router
+        update = router.cookie_update()
+        if update is None:
+            return response
+        path = current_app.config["APPLICATION_ROOT"] or "/"
+        if update.value is None:
+            response.delete_cookie(update.name, path=path, httponly=True, samesite="Lax")
+        else:
+            response.set_cookie(
+                update.name,
+                update.value,
+                max_age=update.max_age,
+                path=path,
+                secure=request.is_secure,
+                httponly=True,
+                samesite="Lax",
+            )
+        return response
+
+    async def _tearing_down(self, app: Quart, **extra: Any) -> None:
+        self._apps[app].router.end()
+
+    async def _close_session(self, exc: BaseException | None) -> None:
+        session: AsyncSession | None = g.pop(_SESSION_KEY, None)
+        if session is not None:
+            await session.close()
+
+    async def _dispose(self) -> None:
+        for engine in self._state().engines.values():
+            await engine.dispose()
