@@ -12,6 +12,7 @@ from support import (
     create_pg_schema,
     dispose_flask_app,
     make_flask_app,
+    make_quart_app,
     pg_backend,
     sqlite_backend,
 )
@@ -57,3 +58,23 @@ def pg_flask_app(postgresql_backend: Backend) -> Iterator[Any]:
     app = make_flask_app(postgresql_backend)
     yield app
     dispose_flask_app(app)
+
+
+@pytest.fixture
+async def quart_app_factory(backend: Backend) -> Any:
+    apps: list[Any] = []
+
+    def build(**kwargs: Any) -> Any:
+        app = make_quart_app(backend, **kwargs)
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        for engine in app.rep._apps[app].engines.values():
+            await engine.dispose()
+
+
+@pytest.fixture
+def quart_app(quart_app_factory: Callable[..., Any]) -> Any:
+    return quart_app_factory()

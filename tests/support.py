@@ -140,3 +140,82 @@ def dispose_flask_app(app: Any) -> None:
     """Close every pooled connection of the app's engines."""
     for engine in app.db._app_engines[app].values():
         engine.dispose()
+
+
+def make_quart_app(backend: Backend, replica: str | list[str] = "replica", **config: Any) -> Any:
+    """A Quart app with QuartReplicated whose views report which node answered.
+
+    ``app.rep``, ``app.Item`` and ``app.backend`` are attached for the tests.
+    """
+    from quart import Quart, request
+    from quart.signals import got_request_exception
+    from sqlalchemy.orm import DeclarativeBase
+
+    from quart_replicated import QuartReplicated, changes_database
+
+    replicas = [replica] if isinstance(replica, str) else replica
+    binds = {"master": backend.url("primary", asynchronous=True)}
+    if len(replicas) == 1:
+        binds["slave"] = backend.url(replicas[0], asynchronous=True)
+    else:
+        binds.update({label: backend.url(label, asynchronous=True) for label in replicas})
+        config.setdefault("REPLICATED_REPLICA_BINDS", replicas)
+    app = Quart(__name__)
+    app.config.update(
+        SECRET_KEY="test-secret-key",
+        TESTING=True,
+        SQLALCHEMY_DATABASE_URI=backend.url("primary", asynchronous=True),
+        SQLALCHEMY_BINDS=binds,
+    )
+    app.config.update(config)
+    rep = QuartReplicated(app)
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Item(Base):
+        __tablename__ = "items"
+        id = sa.Column(sa.Integer, primary_key=True)
+        name = sa.Column(sa.String(200), nullable=False)
+
+    async def who() -> str:
+        return backend.label((await rep.session.execute(sa.text(backend.who_sql))).scalar())
+
+    @app.route("/who", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+    async def who_view() -> Any:
+        node = await who()
+        return node, 200, {"X-Who": node}
+
+    @app.route("/items", methods=["GET", "POST"])
+    async def items() -> Any:
+        if request.method == "POST":
+            form = await request.form
+            rep.session.add(Item(name=form["name"]))
+            await rep.session.commit()
+            return "", 303, {"Location": "/items"}
+        names = (await rep.session.scalars(sa.select(Item.name).order_by(Item.id))).all()
+        return {"names": list(names), "node": await who()}
+
+    @app.get("/forced")
+    @changes_database
+    async def forced() -> Any:
+        return await who()
+
+    # Quart's test client answers 500 rather than raising: keep the exceptions.
+    errors: list[BaseException] = []
+
+    async def keep(sender: Any, exception: BaseException, **extra: Any) -> None:
+        errors.append(exception)
+
+    got_request_exception.connect(keep, app, weak=False)
+    app.errors = errors  # type: ignore[attr-defined]
+    app.rep = rep  # type: ignore[attr-defined]
+    app.Item = Item  # type: ignore[attr-defined]
+    app.backend = backend  # type: ignore[attr-defined]
+    app.who = who  # type: ignore[attr-defined]
+    return app
+
+
+async def text_of(response: Any) -> str:
+    data: str = await response.get_data(as_text=True)
+    return data

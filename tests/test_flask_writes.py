@@ -17,20 +17,24 @@ def _writes(app):
     db, Item = app.db, app.Item
     items = Item.__table__
     return {
-        "orm flush": lambda: (db.session.add(Item(name="x")), db.session.flush()),
-        "core insert": lambda: db.session.execute(sa.insert(items).values(name="x")),
-        "core update": lambda: db.session.execute(sa.update(items).values(name="x")),
+        "orm flush": lambda: (db.session.add(Item(name="never-written")), db.session.flush()),
+        "core insert": lambda: db.session.execute(sa.insert(items).values(name="never-written")),
+        "core update": lambda: db.session.execute(sa.update(items).values(name="never-written")),
         "core delete": lambda: db.session.execute(sa.delete(items).where(items.c.id == -1)),
         "bulk query update": lambda: Item.query.filter_by(id=-1).update({"name": "y"}),
         "bulk query delete": lambda: Item.query.filter_by(id=-1).delete(),
-        "text insert": lambda: db.session.execute(sa.text("INSERT INTO items (name) VALUES ('x')")),
-        "text update": lambda: db.session.execute(sa.text("UPDATE items SET name = 'x'")),
+        "text insert": lambda: db.session.execute(
+            sa.text("INSERT INTO items (name) VALUES ('never-written')")
+        ),
+        "text update": lambda: db.session.execute(
+            sa.text("UPDATE items SET name = 'never-written'")
+        ),
         "text delete": lambda: db.session.execute(sa.text("DELETE FROM items")),
         "create": lambda: db.session.execute(sa.text("CREATE TABLE never (id int)")),
         "alter": lambda: db.session.execute(sa.text("ALTER TABLE items ADD COLUMN never int")),
         "drop": lambda: db.session.execute(sa.text("DROP TABLE items")),
         "engine insert": lambda: db.engine.connect().execute(
-            sa.text("INSERT INTO items (name) VALUES ('x')")
+            sa.text("INSERT INTO items (name) VALUES ('never-written')")
         ),
     }
 
@@ -68,7 +72,7 @@ def test_a_write_in_a_get_is_refused_before_it_is_sent(flask_app, kind):
     assert caught.value.__cause__ is None
     with flask_app.app_context():
         names = flask_app.db.session.scalars(sa.text("SELECT name FROM items")).all()
-    assert "x" not in names
+    assert "never-written" not in names
 
 
 def test_select_for_update_is_a_write(pg_flask_app):
