@@ -28,6 +28,11 @@ class Backend:
         """Which node answered on ``conn`` (a Connection or Session)."""
         return self.label(conn.execute(sa.text(self.who_sql)).scalar())
 
+    def who_engine(self, engine: sa.Engine) -> str:
+        """Which node answers on a fresh connection of ``engine``."""
+        with engine.connect() as conn:
+            return self.who(conn)
+
     def url(self, label: str, *, asynchronous: bool = False) -> str:
         return (self.async_urls if asynchronous else self.urls)[label]
 

@@ -82,10 +82,10 @@ def test_every_default_engine_path_follows_the_intent(flask_app_factory):
         with db.session.no_autoflush:
             results["execute"] = backend.who(db.session)
             results["connection"] = backend.who(db.session.connection())
-            results["engine"] = backend.who(db.engine.connect())
+            results["engine"] = backend.who_engine(db.engine)
             with pytest.warns(DeprecationWarning, match="get_engine"):
                 engine = db.get_engine()
-            results["get_engine"] = backend.who(engine.connect())
+            results["get_engine"] = backend.who_engine(engine)
             results["query"] = Item.query.filter(sa.literal(False)).all() == []
             results["get"] = db.session.get(Item, -1) is None
         return ""
@@ -139,7 +139,7 @@ def test_outside_a_request_everything_goes_to_the_primary(flask_app):
     with flask_app.app_context():
         db, backend = flask_app.db, flask_app.backend
         assert backend.who(db.session) == "primary"
-        assert backend.who(db.engine.connect()) == "primary"
+        assert backend.who_engine(db.engine) == "primary"
         with use_replica():
             assert backend.who(db.session) == "replica"
             with use_primary():
@@ -154,16 +154,16 @@ def test_use_primary_and_use_replica_inside_a_request(flask_app):
 
     @flask_app.get("/mixed")
     def mixed():
-        seen.append(backend.who(db.engine.connect()))
+        seen.append(backend.who_engine(db.engine))
         with use_replica():
-            seen.append(backend.who(db.engine.connect()))
+            seen.append(backend.who_engine(db.engine))
         with use_primary():
-            seen.append(backend.who(db.engine.connect()))
+            seen.append(backend.who_engine(db.engine))
             with use_replica():
-                seen.append(backend.who(db.engine.connect()))
-            seen.append(backend.who(db.engine.connect()))
+                seen.append(backend.who_engine(db.engine))
+            seen.append(backend.who_engine(db.engine))
         # The request used the primary: later reads stay there, to see its own writes.
-        seen.append(backend.who(db.engine.connect()))
+        seen.append(backend.who_engine(db.engine))
         return ""
 
     flask_app.test_client().get("/mixed")

@@ -1,0 +1,80 @@
+"""pytest fixtures that start real PostgreSQL streaming-replication clusters.
+
+Registered through the ``pytest11`` entry point, so installing the project is enough.
+Without PostgreSQL server binaries the fixtures skip the test, or fail it when the
+environment variable ``REPLICATED_REQUIRE_POSTGRES=1`` is set (as CI does).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from replicated_core.pgcluster import PgCluster, ReplicaSpec, find_bindir
+
+__all__ = ["pg_cluster", "pg_cluster_factory"]
+
+REQUIRE_POSTGRES_ENV = "REPLICATED_REQUIRE_POSTGRES"
+
+ClusterFactory = Callable[[Sequence[ReplicaSpec]], PgCluster]
+
+
+def _bindir_or_skip() -> Path:
+    bindir = find_bindir()
+    if bindir is not None:
+        return bindir
+    reason = (
+        "PostgreSQL server binaries were not found by 'pg_config --bindir' nor in"
+        " '/usr/lib/postgresql/*/bin'. Install the PostgreSQL server (Debian: 'apt-get install"
+        " postgresql') to run the tests that need it."
+    )
+    if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":
+        pytest.fail(
+            f"{reason} {REQUIRE_POSTGRES_ENV}=1 is set, so this fails instead of skipping;"
+            f" unset it or set {REQUIRE_POSTGRES_ENV}=0 to skip them.",
+            pytrace=False,
+        )
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster_factory() -> Iterator[ClusterFactory]:
+    """Start PostgreSQL clusters on demand: ``pg_cluster_factory([ReplicaSpec("r")])``.
+
+    Each call starts a new primary with the given replicas; all are stopped and deleted at
+    the end of the session. Use it for tests that stop, pause or break nodes.
+    """
+    bindir = _bindir_or_skip()
+    # Not tmp_path_factory: /tmp/pytest-of-root is private to root, and the servers run as
+    # the OS user 'postgres' when the tests run as root.
+    root = Path(tempfile.mkdtemp(prefix="replicated-pg-"))
+    root.chmod(0o755)
+    clusters: list[PgCluster] = []
+    numbers = itertools.count()
+
+    def start(replicas: Sequence[ReplicaSpec]) -> PgCluster:
+        cluster = PgCluster.start(root / f"cluster{next(numbers)}", replicas, bindir=bindir)
+        clusters.append(cluster)
+        return cluster
+
+    try:
+        yield start
+    finally:
+        for cluster in reversed(clusters):
+            cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(pg_cluster_factory: ClusterFactory) -> PgCluster:
+    """A primary with the replicas 'replica' (no delay) and 'lagging' (500 ms apply delay).
+
+    Shared by the whole session: leave its nodes running and unpaused.
+    """
+    return pg_cluster_factory([ReplicaSpec("replica"), ReplicaSpec("lagging", apply_delay_ms=500)])
