@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, WeakSet
 
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, current_app, has_app_context, request
 from flask.signals import request_started, request_tearing_down
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import text
 
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to_settings
+from replicated_core.failover import install_failover
+from replicated_core.health import describe_error
 from replicated_core.intent import forces_primary
 from replicated_core.router import Router
-from replicated_core.routing import RequestFacts
+from replicated_core.routing import Node, RequestFacts
 from replicated_core.sticky import StickyCodec
+from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
 
 from .engines import RoutedEngines
 
@@ -39,6 +43,7 @@ class FlaskReplicated:
     def __init__(self, app: Flask | None = None, **options: Any) -> None:
         self._settings = options_to_settings(options)
         self._routers: WeakKeyDictionary[Flask, Router] = WeakKeyDictionary()
+        self._hooked: WeakSet[SQLAlchemy] = WeakSet()
         if app is not None:
             self.init_app(app)
 
@@ -76,6 +81,10 @@ class FlaskReplicated:
         db._app_engines[app] = RoutedEngines(engines, router)
         self._routers[app] = router
         app.extensions["replicated"] = self
+        if db not in self._hooked:
+            # One listener per db: db.session is shared by every app of this db.
+            install_failover(db.session, self._router_of_session)
+            self._hooked.add(db)
         request_started.connect(self._request_started, app, weak=False)
         app.after_request(self._after_request)
         request_tearing_down.connect(self._request_tearing_down, app, weak=False)
@@ -84,6 +93,11 @@ class FlaskReplicated:
         """The router of ``app`` (default: the current app)."""
         target = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
         return self._routers[target]
+
+    def _router_of_session(self, session: object) -> Router | None:
+        if not has_app_context():
+            return None
+        return self._routers.get(current_app._get_current_object())  # type: ignore[attr-defined]
 
     # -- hooks, in request order -------------------------------------------------
 
@@ -97,11 +111,18 @@ class FlaskReplicated:
             readonly=request.method in router.config.readonly_methods,
             forced_primary=forces_primary(view),
         )
+        if router.needs_positions(facts):
+            router.health.refresh(probe_replica)
         router.begin(facts, request.cookies.get(router.config.cookie_name))
 
     def _after_request(self, response: Response) -> Response:
         router = self._routers[current_app._get_current_object()]  # type: ignore[attr-defined]
-        update = router.cookie_update()
+        header = router.config.debug_header
+        node = router.served_by()
+        if header is not None and node is not None:
+            response.headers[header] = node.name
+        lsn = write_position(router) if router.needs_write_position() else None
+        update = router.cookie_update(lsn)
         if update is None:
             return response
         path = current_app.config["APPLICATION_ROOT"] or "/"
@@ -121,3 +142,24 @@ class FlaskReplicated:
 
     def _request_tearing_down(self, app: Flask, **extra: Any) -> None:
         self._routers[app].end()
+
+
+def probe_replica(node: Node) -> ReplicaProbe:
+    """Read a replica's replay position and lag (one query on a pooled connection)."""
+    with node.engine.connect() as conn:
+        row = conn.execute(text(REPLICA_PROBE_SQL)).one()
+    return ReplicaProbe.from_row(tuple(row))
+
+
+def write_position(router: Router) -> int | None:
+    """The primary's WAL position after this request's writes; None if it cannot say."""
+    try:
+        with router.primary.engine.connect() as conn:
+            return parse_lsn(conn.execute(text(PRIMARY_POSITION_SQL)).scalar())
+    except Exception as error:
+        logger.warning(
+            "Could not read the primary's WAL position (%s): this client stays on the "
+            "primary for the sticky time instead.",
+            describe_error(error, router.health.secrets),
+        )
+        return None

@@ -14,15 +14,19 @@ from quart.signals import (
     websocket_started,
     websocket_tearing_down,
 )
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to_settings
+from replicated_core.failover import install_failover
+from replicated_core.health import describe_error
 from replicated_core.intent import forces_primary
 from replicated_core.router import Router
-from replicated_core.routing import RequestFacts
+from replicated_core.routing import Node, RequestFacts
 from replicated_core.session import RoutingSession
 from replicated_core.sticky import StickyCodec
+from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
 
 from .engines import create_engines
 
@@ -39,6 +43,25 @@ class _AppState:
     engines: dict[str | None, AsyncEngine]
     by_node: dict[str, AsyncEngine]
     sessions: async_sessionmaker[AsyncSession]
+
+    async def probe_replica(self, node: Node) -> ReplicaProbe:
+        """Read a replica's replay position and lag (one query on a pooled connection)."""
+        async with self.by_node[node.name].connect() as conn:
+            row = (await conn.execute(text(REPLICA_PROBE_SQL))).one()
+        return ReplicaProbe.from_row(tuple(row))
+
+    async def write_position(self) -> int | None:
+        """The primary's WAL position after this request's writes; None if unknown."""
+        try:
+            async with self.by_node[self.router.primary.name].connect() as conn:
+                return parse_lsn((await conn.execute(text(PRIMARY_POSITION_SQL))).scalar())
+        except Exception as error:
+            logger.warning(
+                "Could not read the primary's WAL position (%s): this client stays on the "
+                "primary for the sticky time instead.",
+                describe_error(error, self.router.health.secrets),
+            )
+            return None
 
 
 class QuartReplicated:
@@ -99,8 +122,11 @@ class QuartReplicated:
         by_sync = {id(e.sync_engine): e for e in engines.values()}
         by_node = {n.name: by_sync[id(n.engine)] for n in (primary, *replicas)}
         other = {k: e for k, e in binds.items() if k not in by_node}
+        # A class per app, so the failover listener is this app's alone.
+        session_class = type("RoutingSession", (RoutingSession,), {})
+        install_failover(session_class, lambda session: getattr(session, "router", None))
         sessions = async_sessionmaker(
-            sync_session_class=RoutingSession,
+            sync_session_class=session_class,
             router=router,
             bind_engines=other,
             **self._session_options,
@@ -166,6 +192,8 @@ class QuartReplicated:
             readonly=request.method in router.config.readonly_methods,
             forced_primary=forces_primary(view),
         )
+        if router.needs_positions(facts):
+            await router.health.refresh_async(self._apps[app].probe_replica)
         router.begin(facts, request.cookies.get(router.config.cookie_name))
 
     async def _websocket_started(self, app: Quart, **extra: Any) -> None:
@@ -179,11 +207,19 @@ class QuartReplicated:
             forced_primary=forces_primary(view),
             websocket=True,
         )
+        if router.needs_positions(facts):
+            await router.health.refresh_async(self._apps[app].probe_replica)
         router.begin(facts, websocket.cookies.get(router.config.cookie_name))
 
     async def _after_request(self, response: Response) -> Response:
-        router = self._state().router
-        update = router.cookie_update()
+        state = self._state()
+        router = state.router
+        header = router.config.debug_header
+        node = router.served_by()
+        if header is not None and node is not None:
+            response.headers[header] = node.name
+        lsn = await state.write_position() if router.needs_write_position() else None
+        update = router.cookie_update(lsn)
         if update is None:
             return response
         path = current_app.config["APPLICATION_ROOT"] or "/"

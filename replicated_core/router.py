@@ -15,8 +15,9 @@ from sqlalchemy import event
 
 from .config import ReplicatedConfig, StickyMode
 from .errors import ReplicaWriteError
+from .health import Health
 from .intent import Intent, current_override, current_scope, enter_scope, exit_scope
-from .routing import Decision, Node, ReplicaView, RequestFacts, RequestScope, Role, decide
+from .routing import Decision, Node, Reason, RequestFacts, RequestScope, Role, decide
 from .statements import is_write_sql
 from .sticky import StickyCodec, StickyToken
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from sqlalchemy.engine import Engine
+
+    from .failover import Failure
 
 __all__ = ["CookieUpdate", "Router"]
 
@@ -58,6 +61,15 @@ class Router:
         self.codec = codec
         self.sticky_mode = config.sticky_mode.resolve(primary.engine.dialect.name == "postgresql")
         self.sticky_ttl = config.sticky_ttl(self.sticky_mode)
+        self.health = Health(
+            self.replicas,
+            probing=all(n.engine.dialect.name == "postgresql" for n in self.replicas),
+            check_interval=config.check_interval,
+            max_lag=config.max_lag,
+            downtime=config.replica_downtime,
+            secrets=[n.engine.url.password or "" for n in (primary, *self.replicas)],
+        )
+        self._replica_by_engine = {id(n.engine): n for n in self.replicas}
         self._random = random.Random()
         self._install_guards()
 
@@ -66,9 +78,20 @@ class Router:
     def begin(self, facts: RequestFacts, cookie: str | None) -> Decision:
         """Decide where the request reads and make that the current scope."""
         sticky = self.read_cookie(cookie) if facts.readonly and not facts.forced_primary else None
-        decision = decide(facts, sticky, self.primary, self._replica_views(), self._choose)
-        enter_scope(RequestScope(self, facts, decision))
+        decision = decide(facts, sticky, self.primary, self.health.views(), self._choose)
+        enter_scope(RequestScope(self, facts, decision, sticky))
         return decision
+
+    def needs_positions(self, facts: RequestFacts) -> bool:
+        """Whether a request with ``facts`` reads from replicas, so wants fresh health."""
+        return facts.readonly and not facts.forced_primary and self.health.probing
+
+    def served_by(self) -> Node | None:
+        """The node that served the current request's default reads, if in one."""
+        scope = current_scope()
+        if scope is None or scope.owner is not self:
+            return None
+        return self.primary if scope.primary_used else scope.decision.node
 
     def end(self) -> None:
         """Close the request scope opened by ``begin``; a no-op when there is none."""
@@ -145,8 +168,22 @@ class Router:
 
     # -- replicas ----------------------------------------------------------------
 
-    def _replica_views(self) -> list[ReplicaView]:
-        return [ReplicaView(node, True, None) for node in self.replicas]
+    def replica_of(self, bind: object) -> Node | None:
+        """The replica node whose engine is ``bind``, or None (primary, other binds)."""
+        return self._replica_by_engine.get(id(bind))
+
+    def reroute(self, failed: Node, failure: Failure) -> None:
+        """Send the current request's (or block's) reads elsewhere after ``failed`` failed."""
+        views = [v for v in self.health.views() if v.node is not failed]
+        usable = [v.node for v in views if v.usable]
+        override = current_override()
+        if override is not None and override.node is failed:
+            override.node = self._choose(usable) if usable else self.primary
+        scope = current_scope()
+        if scope is not None and scope.owner is self and scope.decision.node is failed:
+            again = decide(scope.facts, scope.sticky, self.primary, views, self._choose)
+            scope.decision = Decision(again.node, Reason.FAILOVER, again.drop_cookie)
+            scope.primary_used = again.node is self.primary
 
     def _choose(self, nodes: Sequence[Node]) -> Node:
         # Random rather than round-robin: no counter shared between threads, and many
@@ -156,7 +193,7 @@ class Router:
     def _replica_for_block(self, scope: RequestScope | None) -> Node:
         if scope is not None and scope.decision.node.role is Role.REPLICA:
             return scope.decision.node
-        usable = [view.node for view in self._replica_views() if view.usable]
+        usable = [view.node for view in self.health.views() if view.usable]
         return self._choose(usable) if usable else self.primary
 
     # -- guards ------------------------------------------------------------------
@@ -166,6 +203,16 @@ class Router:
         for node in self.replicas:
             event.listen(node.engine, "before_cursor_execute", self._refuse_write(node))
             event.listen(node.engine, "handle_error", self._translate_refusal(node))
+            event.listen(node.engine, "do_connect", self._limit_connect_time)
+
+    def _limit_connect_time(self, dialect: Any, rec: Any, cargs: Any, cparams: Any) -> None:
+        # A replica that hangs must not hang the request: bound the connect, unless the
+        # app set its own timeout in the engine's connect_args.
+        timeout = self.config.connect_timeout
+        if dialect.driver in ("psycopg", "psycopg2"):
+            cparams.setdefault("connect_timeout", max(1, math.ceil(timeout)))
+        elif dialect.driver == "asyncpg":
+            cparams.setdefault("timeout", timeout)
 
     def _note_write(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         scope = current_scope()

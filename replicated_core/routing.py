@@ -55,6 +55,7 @@ class Reason(enum.Enum):
     REPLICA_CAUGHT_UP = "the client wrote and this replica has replayed it"
     READ = "read-only request"
     NO_REPLICA = "no usable replica"
+    FAILOVER = "the first replica failed; the read was retried"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +128,19 @@ class RequestScope:
     the same request are not steered by it; ``token`` resets the contextvar.
     """
 
-    __slots__ = ("decision", "facts", "owner", "primary_used", "token", "wrote")
+    __slots__ = ("decision", "facts", "owner", "primary_used", "sticky", "token", "wrote")
 
-    def __init__(self, owner: object, facts: RequestFacts, decision: Decision) -> None:
+    def __init__(
+        self,
+        owner: object,
+        facts: RequestFacts,
+        decision: Decision,
+        sticky: StickyToken | None = None,
+    ) -> None:
         self.owner = owner
         self.facts = facts
         self.decision = decision
+        self.sticky = sticky
         self.primary_used = decision.node.role is Role.PRIMARY
         self.wrote = False
         self.token: Token[RequestScope | None] | None = None

@@ -78,3 +78,21 @@ async def quart_app_factory(backend: Backend) -> Any:
 @pytest.fixture
 def quart_app(quart_app_factory: Callable[..., Any]) -> Any:
     return quart_app_factory()
+
+
+@pytest.fixture(scope="module")
+def fault_cluster(pg_cluster_factory: Callable[..., Any]) -> Any:
+    """A cluster of its own (primary, r1, r2) for tests that stop or pause nodes.
+
+    Tests must leave every node running and replaying when they finish.
+    """
+    from replicated_core.pgcluster import ReplicaSpec
+
+    cluster = pg_cluster_factory([ReplicaSpec("r1"), ReplicaSpec("r2")])
+    create_pg_schema(cluster)
+    return cluster
+
+
+@pytest.fixture
+def fault_backend(fault_cluster: Any) -> Backend:
+    return pg_backend(fault_cluster)
