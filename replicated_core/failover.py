@@ -72,7 +72,7 @@ def install_failover(target: Any, router_of: Callable[[Session], Router | None])
             if not fresh:
                 raise
             state.session.rollback()
-            router.reroute(node, failure)
+            router.reroute(node)
             return state.invoke_statement()
 
     event.listen(target, "do_orm_execute", retry_elsewhere)

@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Engine
 
-    from .failover import Failure
-
 __all__ = ["CookieUpdate", "Router"]
 
 _READ_ONLY_SQLSTATE = "25006"
@@ -172,7 +170,7 @@ class Router:
         """The replica node whose engine is ``bind``, or None (primary, other binds)."""
         return self._replica_by_engine.get(id(bind))
 
-    def reroute(self, failed: Node, failure: Failure) -> None:
+    def reroute(self, failed: Node) -> None:
         """Send the current request's (or block's) reads elsewhere after ``failed`` failed."""
         views = [v for v in self.health.views() if v.node is not failed]
         usable = [v.node for v in views if v.usable]

@@ -337,3 +337,42 @@ async def test_quart_retries_a_failed_replica_read(fault_backend, fault_cluster)
     assert set(served) == {"r1"}
     assert ("r1", Reason.FAILOVER) in outcomes
     assert not router.health.usable("r2")
+
+
+def test_a_recovery_conflict_is_retried_once_on_another_node(fault_backend, fault_cluster):
+    """A read on r1 is cancelled by replay (an ACCESS EXCLUSIVE lock taken on the
+    primary, max_standby_streaming_delay at 10 ms): SQLSTATE 40001, retried elsewhere."""
+    import sqlalchemy as sa
+
+    r1 = fault_cluster.replica("r1")
+    app = make_flask_app(fault_backend, replica="r1", REPLICATED_STICKY_MODE="off")
+
+    @app.get("/slow")
+    def slow():
+        app.db.session.execute(sa.text("SELECT pg_sleep(1.5), count(*) FROM items"))
+        return app.backend.who(app.db.session)
+
+    fault_cluster.execute(r1, "ALTER SYSTEM SET max_standby_streaming_delay = '10ms'")
+    fault_cluster.execute(r1, "SELECT pg_reload_conf()")
+    try:
+
+        def lock_on_primary():
+            time.sleep(0.5)
+            engine = sa.create_engine(fault_cluster.primary.url("psycopg"))
+            with engine.begin() as conn:
+                conn.execute(sa.text("LOCK TABLE items IN ACCESS EXCLUSIVE MODE"))
+            engine.dispose()
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            locker = pool.submit(lock_on_primary)
+            response = app.test_client().get("/slow")
+            locker.result()
+    finally:
+        fault_cluster.execute(r1, "ALTER SYSTEM RESET max_standby_streaming_delay")
+        fault_cluster.execute(r1, "SELECT pg_reload_conf()")
+    assert response.status_code == 200
+    assert response.text == "primary"
+    router = app.extensions["replicated"].router(app)
+    assert router.health.usable("slave")  # a conflict is not a failure of the server
+    assert router.health.states["slave"].failures == 0
+    dispose_flask_app(app)
