@@ -6,7 +6,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary, WeakSet
 
+import click
 from flask import Flask, Response, current_app, has_app_context, request
+from flask.cli import AppGroup
 from flask.signals import request_started, request_tearing_down
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import text
@@ -18,6 +20,7 @@ from replicated_core.health import describe_error
 from replicated_core.intent import forces_primary
 from replicated_core.router import Router
 from replicated_core.routing import Node, RequestFacts
+from replicated_core.status import ClusterStatus, build_status, status_queries
 from replicated_core.sticky import StickyCodec
 from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
 
@@ -85,6 +88,7 @@ class FlaskReplicated:
             # One listener per db: db.session is shared by every app of this db.
             install_failover(db.session, self._router_of_session)
             self._hooked.add(db)
+        app.cli.add_command(self._cli())
         request_started.connect(self._request_started, app, weak=False)
         app.after_request(self._after_request)
         request_tearing_down.connect(self._request_tearing_down, app, weak=False)
@@ -93,6 +97,38 @@ class FlaskReplicated:
         """The router of ``app`` (default: the current app)."""
         target = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
         return self._routers[target]
+
+    def counters(self, app: Flask | None = None) -> dict[str, int]:
+        """Per-process counters of ``app`` (default: the current app), by name."""
+        return self.router(app).metrics()
+
+    def status(self, app: Flask | None = None) -> ClusterStatus:
+        """Ask every node how it is (one query each); what ``flask replicated status`` shows."""
+        router = self.router(app)
+        results: dict[str, tuple[object, ...] | BaseException] = {}
+        for name, sql in status_queries(router).items():
+            node = router.node_named(name)
+            try:
+                with node.engine.connect() as conn:
+                    results[name] = tuple(conn.execute(text(sql)).one())
+            except Exception as error:
+                results[name] = error
+        return build_status(router, results)
+
+    def _cli(self) -> click.Group:
+        group = AppGroup("replicated", help="Primary/replica routing tools.")
+
+        @group.command("status")
+        @click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+        def status(as_json: bool) -> None:
+            """Show every node: reachable, in recovery, lag, usable. Exits 1 when the
+            primary is unreachable or no replica is usable."""
+            report = self.status()
+            click.echo(report.to_json() if as_json else report.to_table())
+            if not report.healthy:
+                raise SystemExit(1)
+
+        return group
 
     def _router_of_session(self, session: object) -> Router | None:
         if not has_app_context():

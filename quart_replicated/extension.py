@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Any
 from weakref import WeakKeyDictionary
 
+import click
 from quart import Quart, Response, current_app, g, request, websocket
+from quart.cli import ScriptInfo
 from quart.signals import (
     request_started,
     request_tearing_down,
@@ -25,6 +28,7 @@ from replicated_core.intent import forces_primary
 from replicated_core.router import Router
 from replicated_core.routing import Node, RequestFacts
 from replicated_core.session import RoutingSession
+from replicated_core.status import ClusterStatus, build_status, status_queries
 from replicated_core.sticky import StickyCodec
 from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
 
@@ -138,6 +142,7 @@ class QuartReplicated:
         app.after_request(self._after_request)
         request_tearing_down.connect(self._tearing_down, app, weak=False)
         websocket_tearing_down.connect(self._tearing_down, app, weak=False)
+        app.cli.add_command(self._cli())
         app.teardown_appcontext(self._close_session)
         app.after_serving(self._dispose)
 
@@ -175,6 +180,47 @@ class QuartReplicated:
     def router(self, app: Quart | None = None) -> Router:
         """The router of ``app`` (default: the current app)."""
         return self._state(app).router
+
+    def counters(self, app: Quart | None = None) -> dict[str, int]:
+        """Per-process counters of ``app`` (default: the current app), by name."""
+        return self.router(app).metrics()
+
+    async def status(self, app: Quart | None = None) -> ClusterStatus:
+        """Ask every node how it is (one query each); what ``quart replicated status`` shows."""
+        state = self._state(app)
+        results: dict[str, tuple[object, ...] | BaseException] = {}
+        for name, sql in status_queries(state.router).items():
+            try:
+                async with state.by_node[name].connect() as conn:
+                    results[name] = tuple((await conn.execute(text(sql))).one())
+            except Exception as error:
+                results[name] = error
+        return build_status(state.router, results)
+
+    def _cli(self) -> click.Group:
+        group = click.Group("replicated", help="Primary/replica routing tools.")
+
+        @group.command("status")
+        @click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+        @click.pass_context
+        def status(ctx: click.Context, as_json: bool) -> None:
+            """Show every node: reachable, in recovery, lag, usable. Exits 1 when the
+            primary is unreachable or no replica is usable."""
+            app = ctx.ensure_object(ScriptInfo).load_app()
+
+            async def run() -> ClusterStatus:
+                try:
+                    return await self.status(app)
+                finally:
+                    for engine in self._apps[app].engines.values():
+                        await engine.dispose()
+
+            report = asyncio.run(run())
+            click.echo(report.to_json() if as_json else report.to_table())
+            if not report.healthy:
+                raise SystemExit(1)
+
+        return group
 
     def _state(self, app: Quart | None = None) -> _AppState:
         target = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]

@@ -63,6 +63,7 @@ class Health:
         self.clock = clock
         self.secrets = tuple(s for s in secrets if s)
         self.refreshes = 0
+        self.marked_down = 0
         self._next_refresh = 0.0
         self._refresh_lock = threading.Lock()
         self._starved = False
@@ -174,6 +175,7 @@ class Health:
         state = self.states[node.name]
         now = self.clock()
         state.failures += 1
+        self.marked_down += 1
         first = now >= state.down_until and state.down_since is None
         state.down_until = now + self.downtime
         if first:

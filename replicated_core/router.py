@@ -6,6 +6,7 @@ start of each request, and ask ``node()`` whenever SQLAlchemy needs a bind.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -14,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 
 from .config import ReplicatedConfig, StickyMode
+from .counters import Counters
 from .errors import ReplicaWriteError
 from .health import Health
 from .intent import Intent, current_override, current_scope, enter_scope, exit_scope
 from .routing import Decision, Node, Reason, RequestFacts, RequestScope, Role, decide
 from .statements import is_write_sql
 from .sticky import StickyCodec, StickyToken
+from .wal import format_lsn
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["CookieUpdate", "Router"]
 
 _READ_ONLY_SQLSTATE = "25006"
+
+logger = logging.getLogger("replicated")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +73,7 @@ class Router:
             secrets=[n.engine.url.password or "" for n in (primary, *self.replicas)],
         )
         self._replica_by_engine = {id(n.engine): n for n in self.replicas}
+        self.counters = Counters()
         self._random = random.Random()
         self._install_guards()
 
@@ -78,7 +84,30 @@ class Router:
         sticky = self.read_cookie(cookie) if facts.readonly and not facts.forced_primary else None
         decision = decide(facts, sticky, self.primary, self.health.views(), self._choose)
         enter_scope(RequestScope(self, facts, decision, sticky))
+        self._count(decision, sticky is not None)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s %s: %s '%s' because %s%s",
+                facts.method,
+                facts.view,
+                decision.node.role.value,
+                decision.node.name,
+                decision.reason.value,
+                f" (sticky at {format_lsn(sticky.lsn)})" if sticky and sticky.lsn else "",
+            )
         return decision
+
+    def _count(self, decision: Decision, sticky: bool) -> None:
+        names = ["requests_total"]
+        if decision.node.role is Role.REPLICA:
+            names.append("requests_to_replica")
+        else:
+            names.append(f"requests_to_primary.{decision.reason.name.lower()}")
+        if decision.reason is Reason.NO_REPLICA:
+            names.append("fallbacks")
+        if sticky:
+            names.append("sticky_hits")
+        self.counters.add(*names)
 
     def needs_positions(self, facts: RequestFacts) -> bool:
         """Whether a request with ``facts`` reads from replicas, so wants fresh health."""
@@ -95,6 +124,8 @@ class Router:
         """Close the request scope opened by ``begin``; a no-op when there is none."""
         scope = current_scope()
         if scope is not None and scope.owner is self:
+            if scope.wrote:
+                self.counters.add("writes")
             exit_scope(scope)
 
     def read_cookie(self, cookie: str | None) -> StickyToken | None:
@@ -133,6 +164,15 @@ class Router:
             return CookieUpdate(name, None, 0)
         return None
 
+    def metrics(self) -> dict[str, int]:
+        """Every counter of this router: decisions by reason, writes, sticky hits,
+        fallbacks, retries, replicas marked down and position checks."""
+        return {
+            **self.counters.snapshot(),
+            "replicas_marked_down": self.health.marked_down,
+            "position_checks": self.health.refreshes,
+        }
+
     def current_decision(self) -> Decision | None:
         """The decision of the request being served by this router, if any."""
         scope = current_scope()
@@ -166,12 +206,20 @@ class Router:
 
     # -- replicas ----------------------------------------------------------------
 
+    def node_named(self, name: str) -> Node:
+        """The node (primary or replica) whose bind name is ``name``."""
+        for node in (self.primary, *self.replicas):
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
     def replica_of(self, bind: object) -> Node | None:
         """The replica node whose engine is ``bind``, or None (primary, other binds)."""
         return self._replica_by_engine.get(id(bind))
 
     def reroute(self, failed: Node) -> None:
         """Send the current request's (or block's) reads elsewhere after ``failed`` failed."""
+        self.counters.add("retries")
         views = [v for v in self.health.views() if v.node is not failed]
         usable = [v.node for v in views if v.usable]
         override = current_override()

@@ -5,11 +5,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["PRIMARY_POSITION_SQL", "REPLICA_PROBE_SQL", "ReplicaProbe", "format_lsn", "parse_lsn"]
+__all__ = [
+    "PRIMARY_POSITION_SQL",
+    "PRIMARY_STATUS_SQL",
+    "REPLICA_PROBE_SQL",
+    "ReplicaProbe",
+    "format_lsn",
+    "parse_lsn",
+]
 
 # The insert position bounds every record this session's commit wrote; GitLab's load
 # balancer records the same one.
 PRIMARY_POSITION_SQL = "SELECT pg_current_wal_insert_lsn()::text"
+
+# For the status command: is the primary really a primary, and where is it.
+PRIMARY_STATUS_SQL = "SELECT pg_is_in_recovery(), pg_current_wal_insert_lsn()::text"
 
 # One round trip per replica and check interval. Lag is zero when everything received
 # has been replayed and the receiver is streaming; otherwise it is the age of the last

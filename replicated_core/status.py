@@ -1,0 +1,202 @@
+"""The state of every node, for ``flask replicated status`` and ``quart replicated status``.
+
+The adapters run the queries this module names and hand the rows (or the errors)
+back; this module turns them into a table or JSON, with no credential in either.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+from .health import describe_error
+from .routing import Node, Role
+from .wal import PRIMARY_STATUS_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from .router import Router
+
+__all__ = ["ClusterStatus", "NodeStatus", "build_status", "status_queries"]
+
+_PLAIN_SQL = "SELECT 1"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """One line of the status table."""
+
+    name: str
+    role: str
+    address: str
+    reachable: bool
+    in_recovery: bool | None
+    lag_seconds: float | None
+    lag_bytes: int | None
+    marked_down: bool
+    usable: bool
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatus:
+    """Every node of one app's router, and the sticky mode in force."""
+
+    sticky_mode: str
+    nodes: tuple[NodeStatus, ...]
+
+    @property
+    def healthy(self) -> bool:
+        """The primary answers and at least one replica is usable."""
+        primary = [n for n in self.nodes if n.role == Role.PRIMARY.value]
+        replicas = [n for n in self.nodes if n.role == Role.REPLICA.value]
+        return all(n.reachable for n in primary) and any(n.usable for n in replicas)
+
+    def to_json(self) -> str:
+        """The status as a JSON document, for scripts."""
+        return json.dumps(
+            {
+                "sticky_mode": self.sticky_mode,
+                "healthy": self.healthy,
+                "nodes": [asdict(n) for n in self.nodes],
+            },
+            indent=2,
+        )
+
+    def to_table(self) -> str:
+        """The status as a plain-text table."""
+        header = (
+            "bind",
+            "role",
+            "address",
+            "reachable",
+            "recovery",
+            "lag s",
+            "lag bytes",
+            "down",
+            "usable",
+        )
+        rows = [header] + [
+            (
+                n.name,
+                n.role,
+                n.address,
+                _yes(n.reachable),
+                "-" if n.in_recovery is None else _yes(n.in_recovery),
+                "-" if n.lag_seconds is None else f"{n.lag_seconds:.3f}",
+                "-" if n.lag_bytes is None else str(n.lag_bytes),
+                _yes(n.marked_down),
+                "-" if n.role == Role.PRIMARY.value else _yes(n.usable),
+            )
+            for n in self.nodes
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ]
+        lines.append(f"sticky mode: {self.sticky_mode}")
+        lines += [f"{n.name}: {n.error}" for n in self.nodes if n.error]
+        return "\n".join(lines)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def status_queries(router: Router) -> dict[str, str]:
+    """The SQL to run on each node, by node name."""
+    postgres = router.health.probing
+    queries = {router.primary.name: PRIMARY_STATUS_SQL if postgres else _PLAIN_SQL}
+    for node in router.replicas:
+        queries[node.name] = REPLICA_PROBE_SQL if postgres else _PLAIN_SQL
+    return queries
+
+
+def build_status(
+    router: Router, results: Mapping[str, tuple[object, ...] | BaseException]
+) -> ClusterStatus:
+    """Turn each node's row (or error) from ``status_queries`` into the status."""
+    secrets = router.health.secrets
+    postgres = router.health.probing
+    primary_row = results[router.primary.name]
+    primary_lsn = None
+    if postgres and isinstance(primary_row, tuple):
+        primary_lsn = parse_lsn(primary_row[1] if isinstance(primary_row[1], str) else None)
+    nodes = [_primary_status(router.primary, primary_row, postgres, secrets)]
+    for node in router.replicas:
+        row = results[node.name]
+        if isinstance(row, BaseException):
+            router.health.mark_down(node, row)
+            nodes.append(_unreachable(node, row, secrets, marked_down=True))
+            continue
+        probe = ReplicaProbe.from_row(row) if postgres else None
+        if probe is not None:
+            router.health.record(node, probe)
+        lag_bytes = probe.lag_bytes if probe is not None else None
+        if probe is not None and primary_lsn is not None and probe.replay_lsn is not None:
+            lag_bytes = max(0, primary_lsn - probe.replay_lsn)
+        nodes.append(
+            NodeStatus(
+                name=node.name,
+                role=node.role.value,
+                address=address_of(node),
+                reachable=True,
+                in_recovery=probe.in_recovery if probe is not None else None,
+                lag_seconds=probe.lag_seconds if probe is not None else None,
+                lag_bytes=lag_bytes,
+                marked_down=False,
+                usable=router.health.usable(node.name),
+                error=None
+                if probe is None or probe.in_recovery
+                else "not in recovery: this is a primary, not a replica",
+            )
+        )
+    return ClusterStatus(router.sticky_mode.value, tuple(nodes))
+
+
+def _primary_status(
+    node: Node, row: tuple[object, ...] | BaseException, postgres: bool, secrets: tuple[str, ...]
+) -> NodeStatus:
+    if isinstance(row, BaseException):
+        return _unreachable(node, row, secrets, marked_down=False)
+    in_recovery = bool(row[0]) if postgres else None
+    return NodeStatus(
+        name=node.name,
+        role=node.role.value,
+        address=address_of(node),
+        reachable=True,
+        in_recovery=in_recovery,
+        lag_seconds=None,
+        lag_bytes=None,
+        marked_down=False,
+        usable=True,
+        error="in recovery: this is a standby, not the primary" if in_recovery else None,
+    )
+
+
+def _unreachable(
+    node: Node, error: BaseException, secrets: tuple[str, ...], *, marked_down: bool
+) -> NodeStatus:
+    return NodeStatus(
+        name=node.name,
+        role=node.role.value,
+        address=address_of(node),
+        reachable=False,
+        in_recovery=None,
+        lag_seconds=None,
+        lag_bytes=None,
+        marked_down=marked_down,
+        usable=False,
+        error=describe_error(error, secrets),
+    )
+
+
+def address_of(node: Node) -> str:
+    """Where a node is, without its password: ``host:port/database`` or a file path."""
+    url = node.engine.url
+    if url.get_backend_name() == "sqlite":
+        return url.database or ":memory:"
+    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
