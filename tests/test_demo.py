@@ -13,7 +13,7 @@ def _files(tmp_path):
     paths = tmp_path / "p.sqlite3", tmp_path / "r.sqlite3"
     for path in paths:
         with sqlite3.connect(path) as conn:
-            conn.execute(SCHEMA)
+            conn.execute(SCHEMA.format(pk="INTEGER PRIMARY KEY"))
     return paths
 
 
