@@ -212,8 +212,7 @@ class QuartReplicated:
                 try:
                     return await self.status(app)
                 finally:
-                    for engine in self._apps[app].engines.values():
-                        await engine.dispose()
+                    await self.dispose(app)
 
             report = asyncio.run(run())
             click.echo(report.to_json() if as_json else report.to_table())
@@ -292,5 +291,13 @@ class QuartReplicated:
             await session.close()
 
     async def _dispose(self) -> None:
-        for engine in self._state().engines.values():
+        await self.dispose()
+
+    async def dispose(self, app: Quart | None = None) -> None:
+        """Close every pooled connection of ``app``'s engines (default: current app).
+
+        Runs on ``after_serving``; call it at the end of a CLI command's
+        ``asyncio.run``, whose event loop the pooled connections belong to.
+        """
+        for engine in self._state(app).engines.values():
             await engine.dispose()

@@ -223,3 +223,30 @@ async def test_a_missing_uri_is_named():
         "'SQLALCHEMY_DATABASE_URI' is not set. Set it to the primary's URL, with an async "
         "driver such as 'postgresql+asyncpg://' or 'sqlite+aiosqlite://'."
     )
+
+
+async def test_rep_session_in_a_cli_command(quart_app):
+    """A Quart CLI command is sync: it runs its own event loop around an app context."""
+    import asyncio
+
+    import click
+
+    app, rep = quart_app, quart_app.rep
+
+    @app.cli.command("who")
+    def who_command():
+        async def main():
+            async with app.app_context():
+                primary = await app.who()
+                with use_replica():
+                    replica = await app.who()
+                await rep.session.execute(sa.text("SELECT 1"))
+            await rep.dispose(app)
+            click.echo(f"{primary} {replica}")
+
+        asyncio.run(main())
+
+    runner = app.test_cli_runner()
+    result = await asyncio.to_thread(runner.invoke, args=["who"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "primary replica"
