@@ -14,12 +14,10 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import text
 
 from replicated_core.binds import build_nodes
-from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to_settings
+from replicated_core.config import DEFAULTS, load_config, options_to_settings
 from replicated_core.failover import install_failover
 from replicated_core.health import describe_error
-from replicated_core.intent import forces_primary
 from replicated_core.router import Router
-from replicated_core.routing import Node, RequestFacts
 from replicated_core.status import ClusterStatus, build_status, status_queries
 from replicated_core.sticky import StickyCodec
 from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
@@ -28,6 +26,8 @@ from .engines import RoutedEngines
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
+
+    from replicated_core.routing import Node
 
 __all__ = ["FlaskReplicated"]
 
@@ -72,13 +72,7 @@ class FlaskReplicated:
         primary, replicas = build_nodes(config, binds, default)
         codec = StickyCodec(app.secret_key) if app.secret_key else None
         router = Router(config, primary, replicas, codec)
-        if codec is None and router.sticky_mode is not StickyMode.OFF:
-            logger.warning(
-                "SECRET_KEY is not set, so the sticky cookie cannot be signed and is not "
-                "used: after a write, a client's next requests read from replicas at once "
-                "and may miss that write until the replicas catch up. Set SECRET_KEY to "
-                "keep clients on the primary after their writes."
-            )
+        router.probe = probe_replica
         # The one private touch: Flask-SQLAlchemy keeps each app's engines in this
         # mapping and offers no hook to route its default entry.
         db._app_engines[app] = RoutedEngines(engines, router)
@@ -141,12 +135,7 @@ class FlaskReplicated:
         router = self._routers[app]
         endpoint = request.endpoint
         view = app.view_functions.get(endpoint) if endpoint is not None else None
-        facts = RequestFacts(
-            method=request.method,
-            view=endpoint,
-            readonly=request.method in router.config.readonly_methods,
-            forced_primary=forces_primary(view),
-        )
+        facts = router.facts(request.method, endpoint, view)
         if router.needs_positions(facts):
             router.health.refresh(probe_replica)
         router.begin(facts, request.cookies.get(router.config.cookie_name))
@@ -158,22 +147,10 @@ class FlaskReplicated:
         if header is not None and node is not None:
             response.headers[header] = node.name
         lsn = write_position(router) if router.needs_write_position() else None
-        update = router.cookie_update(lsn)
-        if update is None:
-            return response
         path = current_app.config["APPLICATION_ROOT"] or "/"
-        if update.value is None:
-            response.delete_cookie(update.name, path=path, httponly=True, samesite="Lax")
-        else:
-            response.set_cookie(
-                update.name,
-                update.value,
-                max_age=update.max_age,
-                path=path,
-                secure=request.is_secure,
-                httponly=True,
-                samesite="Lax",
-            )
+        update = router.cookie_update(lsn, secure=request.is_secure, path=path)
+        if update is not None:
+            update.apply(response)
         return response
 
     def _request_tearing_down(self, app: Flask, **extra: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 import click
@@ -21,18 +21,19 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from replicated_core.binds import build_nodes
-from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to_settings
+from replicated_core.config import DEFAULTS, load_config, options_to_settings
 from replicated_core.failover import install_failover
 from replicated_core.health import describe_error
-from replicated_core.intent import forces_primary
 from replicated_core.router import Router
-from replicated_core.routing import Node, RequestFacts
 from replicated_core.session import RoutingSession
 from replicated_core.status import ClusterStatus, build_status, status_queries
 from replicated_core.sticky import StickyCodec
 from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
 
 from .engines import create_engines
+
+if TYPE_CHECKING:
+    from replicated_core.routing import Node
 
 __all__ = ["QuartReplicated"]
 
@@ -116,13 +117,6 @@ class QuartReplicated:
             raise
         codec = StickyCodec(app.secret_key) if app.secret_key else None
         router = Router(config, primary, replicas, codec)
-        if codec is None and router.sticky_mode is not StickyMode.OFF:
-            logger.warning(
-                "SECRET_KEY is not set, so the sticky cookie cannot be signed and is not "
-                "used: after a write, a client's next requests read from replicas at once "
-                "and may miss that write until the replicas catch up. Set SECRET_KEY to "
-                "keep clients on the primary after their writes."
-            )
         by_sync = {id(e.sync_engine): e for e in engines.values()}
         by_node = {n.name: by_sync[id(n.engine)] for n in (primary, *replicas)}
         other = {k: e for k, e in binds.items() if k not in by_node}
@@ -231,12 +225,7 @@ class QuartReplicated:
         router = self._apps[app].router
         endpoint = request.endpoint
         view = app.view_functions.get(endpoint) if endpoint is not None else None
-        facts = RequestFacts(
-            method=request.method,
-            view=endpoint,
-            readonly=request.method in router.config.readonly_methods,
-            forced_primary=forces_primary(view),
-        )
+        facts = router.facts(request.method, endpoint, view)
         if router.needs_positions(facts):
             await router.health.refresh_async(self._apps[app].probe_replica)
         router.begin(facts, request.cookies.get(router.config.cookie_name))
@@ -245,13 +234,7 @@ class QuartReplicated:
         router = self._apps[app].router
         endpoint = websocket.endpoint
         view = app.view_functions.get(endpoint) if endpoint is not None else None
-        facts = RequestFacts(
-            method="WEBSOCKET",
-            view=endpoint,
-            readonly=router.config.websocket_readonly,
-            forced_primary=forces_primary(view),
-            websocket=True,
-        )
+        facts = router.facts("WEBSOCKET", endpoint, view, websocket=True)
         if router.needs_positions(facts):
             await router.health.refresh_async(self._apps[app].probe_replica)
         router.begin(facts, websocket.cookies.get(router.config.cookie_name))
@@ -264,22 +247,10 @@ class QuartReplicated:
         if header is not None and node is not None:
             response.headers[header] = node.name
         lsn = await state.write_position() if router.needs_write_position() else None
-        update = router.cookie_update(lsn)
-        if update is None:
-            return response
         path = current_app.config["APPLICATION_ROOT"] or "/"
-        if update.value is None:
-            response.delete_cookie(update.name, path=path, httponly=True, samesite="Lax")
-        else:
-            response.set_cookie(
-                update.name,
-                update.value,
-                max_age=update.max_age,
-                path=path,
-                secure=request.is_secure,
-                httponly=True,
-                samesite="Lax",
-            )
+        update = router.cookie_update(lsn, secure=request.is_secure, path=path)
+        if update is not None:
+            update.apply(response)
         return response
 
     async def _tearing_down(self, app: Quart, **extra: Any) -> None:

@@ -7,6 +7,7 @@ cached values. The probe itself is IO, so it is handed in by the adapter.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -52,6 +53,7 @@ class Health:
         check_interval: float,
         max_lag: float,
         downtime: float,
+        probe_timeout: float = 2.0,
         secrets: Sequence[str] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -60,6 +62,7 @@ class Health:
         self.check_interval = check_interval
         self.max_lag = max_lag
         self.downtime = downtime
+        self.probe_timeout = probe_timeout
         self.clock = clock
         self.secrets = tuple(s for s in secrets if s)
         self.refreshes = 0
@@ -67,6 +70,7 @@ class Health:
         self._next_refresh = 0.0
         self._refresh_lock = threading.Lock()
         self._starved = False
+        self._abandoned: set[asyncio.Task[ReplicaProbe]] = set()
 
     # -- reading -------------------------------------------------------------------
 
@@ -114,19 +118,28 @@ class Health:
         now = self.clock()
         if now < self._next_refresh or not self._refresh_lock.acquire(blocking=False):
             return None
+        if now < self._next_refresh:  # another thread refreshed in between
+            self._refresh_lock.release()
+            return None
         self._next_refresh = now + self.check_interval
         self.refreshes += 1
         return [s.node for s in self.states.values() if now >= s.down_until]
 
     def refresh(self, probe: Callable[[Node], ReplicaProbe]) -> None:
-        """Probe the replicas if due (sync adapters). Never raises for a failed probe."""
+        """Probe the replicas if due (sync adapters). Never raises for a failed probe.
+
+        Each probe runs in a thread of its own and is waited for ``probe_timeout``
+        seconds at most: a hung replica (a pooled connection to a stopped server
+        never times out by itself) is marked down, and its thread is left to finish
+        whenever the server answers.
+        """
         nodes = self._claim()
         if nodes is None:
             return
         try:
             for node in nodes:
                 try:
-                    result = probe(node)
+                    result = _call_with_timeout(probe, node, self.probe_timeout)
                 except Exception as error:
                     self.mark_down(node, error)
                 else:
@@ -135,18 +148,28 @@ class Health:
             self._refresh_lock.release()
 
     async def refresh_async(self, probe: Callable[[Node], Awaitable[ReplicaProbe]]) -> None:
-        """Probe the replicas if due (async adapters). Never raises for a failed probe."""
+        """Probe the replicas if due (async adapters). Never raises for a failed probe.
+
+        A probe still running after ``probe_timeout`` seconds is cancelled but not
+        awaited (its clean-up may wait for the hung server), and the replica is
+        marked down.
+        """
         nodes = self._claim()
         if nodes is None:
             return
         try:
             for node in nodes:
-                try:
-                    result = await probe(node)
-                except Exception as error:
-                    self.mark_down(node, error)
+                task = asyncio.ensure_future(probe(node))
+                done, _ = await asyncio.wait({task}, timeout=self.probe_timeout)
+                if not done:
+                    task.cancel()
+                    self._abandoned.add(task)
+                    task.add_done_callback(self._abandoned.discard)
+                    self.mark_down(node, _timeout(node, self.probe_timeout))
+                elif task.exception() is not None:
+                    self.mark_down(node, task.exception() or Exception())
                 else:
-                    self.record(node, result)
+                    self.record(node, task.result())
         finally:
             self._refresh_lock.release()
 
@@ -186,6 +209,32 @@ class Health:
                 describe_error(error, self.secrets),
                 self.downtime,
             )
+
+
+def _timeout(node: Node, seconds: float) -> TimeoutError:
+    return TimeoutError(f"no answer to the position check within {seconds:g} s")
+
+
+def _call_with_timeout(
+    probe: Callable[[Node], ReplicaProbe], node: Node, seconds: float
+) -> ReplicaProbe:
+    outcome: list[ReplicaProbe | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(probe(node))
+        except BaseException as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, name=f"replicated-probe-{node.name}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise _timeout(node, seconds)
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def describe_error(error: BaseException, secrets: Sequence[str] = ()) -> str:

@@ -47,10 +47,16 @@ class Intent(enum.Enum):
 
 @dataclass(slots=True)
 class Override:
-    """One ``use_primary()``/``use_replica()`` block; remembers the replica it picked."""
+    """One ``use_primary()``/``use_replica()`` block; remembers the replica it picked.
+
+    ``token`` restores the previous override. It lives here, in the context, and
+    not on the block object, so one block object can be entered by many threads or
+    tasks at once.
+    """
 
     intent: Intent
     node: Node | None = field(default=None)
+    token: Token[Override | None] | None = field(default=None, repr=False)
 
 
 _override: ContextVar[Override | None] = ContextVar("replicated_override", default=None)
@@ -82,14 +88,14 @@ def exit_scope(scope: RequestScope) -> None:
 class _IntentBlock:
     """A context manager that is also a decorator for sync and async functions."""
 
-    __slots__ = ("_intent", "_tokens")
+    __slots__ = ("_intent",)
 
     def __init__(self, intent: Intent) -> None:
         self._intent = intent
-        self._tokens: list[Token[Override | None]] = []
 
     def __enter__(self) -> None:
-        self._tokens.append(_override.set(Override(self._intent)))
+        override = Override(self._intent)
+        override.token = _override.set(override)
 
     def __exit__(
         self,
@@ -97,7 +103,11 @@ class _IntentBlock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _override.reset(self._tokens.pop())
+        # Blocks exit in reverse order within one context: the current override is
+        # the one this block entered.
+        override = _override.get()
+        if override is not None and override.token is not None:
+            _override.reset(override.token)
 
     @overload
     def __call__(
@@ -106,12 +116,20 @@ class _IntentBlock:
     @overload
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, func: Callable[P, Any]) -> Callable[P, Any]:
-        return _wrap(func, self._intent)
+        return _wrap(func, self._intent, f"@use_{self._intent.value}()")
 
 
-def _wrap(func: Callable[P, Any], intent: Intent) -> Callable[P, Any]:
+def _wrap(func: Callable[P, Any], intent: Intent, decorator: str) -> Callable[P, Any]:
     # A fresh Override per call: a decorated coroutine may run in many tasks at once,
     # so the token must live in the call's frame, not on a shared object.
+    if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+        # The intent would be reset before the body runs, or leak to the caller at
+        # each yield: neither is what the decorator says.
+        name = getattr(func, "__qualname__", repr(func))
+        raise TypeError(
+            f"'{decorator}' cannot decorate the generator '{name}': the intent would not "
+            f"hold while it runs. Use a 'with use_{intent.value}():' block inside it instead."
+        )
     if inspect.iscoroutinefunction(func):
         coro_func = cast("Callable[P, Coroutine[Any, Any, Any]]", func)
 
@@ -168,7 +186,7 @@ def changes_database(func: Callable[P, Any]) -> Callable[P, Any]:
     mark before the request's own hooks run; called outside a request, the function
     still runs on the primary.
     """
-    wrapper = _wrap(func, Intent.PRIMARY)
+    wrapper = _wrap(func, Intent.PRIMARY, "@changes_database")
     setattr(wrapper, PRIMARY_MARKER, True)
     return wrapper
 

@@ -10,7 +10,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import event
 
@@ -18,16 +18,25 @@ from .config import ReplicatedConfig, StickyMode
 from .counters import Counters
 from .errors import ReplicaWriteError
 from .health import Health
-from .intent import Intent, current_override, current_scope, enter_scope, exit_scope
+from .intent import (
+    Intent,
+    current_override,
+    current_scope,
+    enter_scope,
+    exit_scope,
+    forces_primary,
+)
 from .routing import Decision, Node, Reason, RequestFacts, RequestScope, Role, decide
 from .statements import is_write_sql
 from .sticky import StickyCodec, StickyToken
 from .wal import format_lsn
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from sqlalchemy.engine import Engine
+
+    from .wal import ReplicaProbe
 
 __all__ = ["CookieUpdate", "Router"]
 
@@ -36,16 +45,60 @@ _READ_ONLY_SQLSTATE = "25006"
 logger = logging.getLogger("replicated")
 
 
+class _Response(Protocol):
+    def set_cookie(
+        self,
+        key: str,
+        value: str = "",
+        *,
+        max_age: int | None = None,
+        path: str | None = "/",
+        secure: bool = False,
+        httponly: bool = False,
+        samesite: str | None = None,
+    ) -> None: ...
+
+    def delete_cookie(
+        self,
+        key: str,
+        *,
+        path: str | None = "/",
+        secure: bool = False,
+        httponly: bool = False,
+        samesite: str | None = None,
+    ) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class CookieUpdate:
     """A change to the sticky cookie: set ``value``, or delete it when None.
 
-    Adapters set it HttpOnly, SameSite=Lax, Secure on HTTPS, at the app's root path.
+    Always HttpOnly and SameSite=Lax; Secure when the request came over HTTPS; at
+    the app's root path.
     """
 
     name: str
     value: str | None
     max_age: int
+    path: str
+    secure: bool
+
+    def apply(self, response: _Response) -> None:
+        """Set or delete the cookie on a Werkzeug-style (Flask or Quart) response."""
+        if self.value is None:
+            response.delete_cookie(
+                self.name, path=self.path, secure=self.secure, httponly=True, samesite="Lax"
+            )
+        else:
+            response.set_cookie(
+                self.name,
+                self.value,
+                max_age=self.max_age,
+                path=self.path,
+                secure=self.secure,
+                httponly=True,
+                samesite="Lax",
+            )
 
 
 class Router:
@@ -70,14 +123,34 @@ class Router:
             check_interval=config.check_interval,
             max_lag=config.max_lag,
             downtime=config.replica_downtime,
+            probe_timeout=config.connect_timeout,
             secrets=[n.engine.url.password or "" for n in (primary, *self.replicas)],
         )
         self._replica_by_engine = {id(n.engine): n for n in self.replicas}
         self.counters = Counters()
+        # A sync probe of one replica, set by sync adapters so that use_replica()
+        # outside a request can refresh positions itself.
+        self.probe: Callable[[Node], ReplicaProbe] | None = None
+        if codec is None and self.sticky_mode is not StickyMode.OFF:
+            logger.warning(
+                "SECRET_KEY is not set, so the sticky cookie cannot be signed and is not "
+                "used: after a write, a client's next requests read from replicas at once "
+                "and may miss that write until the replicas catch up. Set SECRET_KEY to "
+                "keep clients on the primary after their writes."
+            )
         self._random = random.Random()
         self._install_guards()
 
     # -- per request -------------------------------------------------------------
+
+    def facts(
+        self, method: str, view_name: str | None, view: object, *, websocket: bool = False
+    ) -> RequestFacts:
+        """What the router needs to know of a request: its method and view function."""
+        readonly = (
+            self.config.websocket_readonly if websocket else method in self.config.readonly_methods
+        )
+        return RequestFacts(method, view_name, readonly, forces_primary(view), websocket)
 
     def begin(self, facts: RequestFacts, cookie: str | None) -> Decision:
         """Decide where the request reads and make that the current scope."""
@@ -115,17 +188,22 @@ class Router:
 
     def served_by(self) -> Node | None:
         """The node that served the current request's default reads, if in one."""
+        scope = self._own_scope()
+        return scope.decision.node if scope is not None else None
+
+    def _own_scope(self) -> RequestScope | None:
         scope = current_scope()
-        if scope is None or scope.owner is not self:
+        if scope is None or scope.owner is not self or scope.closed:
             return None
-        return self.primary if scope.primary_used else scope.decision.node
+        return scope
 
     def end(self) -> None:
         """Close the request scope opened by ``begin``; a no-op when there is none."""
-        scope = current_scope()
-        if scope is not None and scope.owner is self:
+        scope = self._own_scope()
+        if scope is not None:
             if scope.wrote:
                 self.counters.add("writes")
+            scope.closed = True
             exit_scope(scope)
 
     def read_cookie(self, cookie: str | None) -> StickyToken | None:
@@ -136,32 +214,32 @@ class Router:
 
     def needs_write_position(self) -> bool:
         """Whether the response must carry the primary's WAL position (ask it first)."""
-        scope = current_scope()
+        scope = self._own_scope()
         return (
             scope is not None
-            and scope.owner is self
             and scope.wrote
             and self.codec is not None
             and self.sticky_mode is StickyMode.WAL
         )
 
-    def cookie_update(self, lsn: int | None = None) -> CookieUpdate | None:
+    def cookie_update(
+        self, lsn: int | None = None, *, secure: bool = False, path: str = "/"
+    ) -> CookieUpdate | None:
         """How the current response must change the sticky cookie, if at all.
 
         After a write: set it (with ``lsn``, the primary's position after the write,
         in WAL mode). After a read that found every replica caught up: delete it.
+        ``secure`` tells whether the request came over HTTPS; ``path`` is the app's root.
         """
-        scope = current_scope()
-        if scope is None or scope.owner is not self or self.codec is None:
-            return None
-        if self.sticky_mode is StickyMode.OFF:
+        scope = self._own_scope()
+        if scope is None or self.codec is None or self.sticky_mode is StickyMode.OFF:
             return None
         name = self.config.cookie_name
         if scope.wrote:
             value = self.codec.dumps(StickyToken(lsn))
-            return CookieUpdate(name, value, math.ceil(self.sticky_ttl))
+            return CookieUpdate(name, value, math.ceil(self.sticky_ttl), path, secure)
         if scope.decision.drop_cookie:
-            return CookieUpdate(name, None, 0)
+            return CookieUpdate(name, None, 0, path, secure)
         return None
 
     def metrics(self) -> dict[str, int]:
@@ -175,8 +253,8 @@ class Router:
 
     def current_decision(self) -> Decision | None:
         """The decision of the request being served by this router, if any."""
-        scope = current_scope()
-        return scope.decision if scope is not None and scope.owner is self else None
+        scope = self._own_scope()
+        return scope.decision if scope is not None else None
 
     # -- per statement -----------------------------------------------------------
 
@@ -184,19 +262,18 @@ class Router:
         """The node for the next statement, from the current intent. The hot path."""
         override = current_override()
         scope = current_scope()
-        if scope is not None and scope.owner is not self:
+        if scope is not None and (scope.owner is not self or scope.closed):
             scope = None
         if override is not None:
             if override.intent is Intent.PRIMARY:
-                if scope is not None:
-                    scope.primary_used = True
+                if scope is not None and scope.decision.node is not self.primary:
+                    # From now on the request reads its own writes on the primary.
+                    scope.decision = Decision(self.primary, Reason.PINNED)
                 return self.primary
             if override.node is None:
                 override.node = self._replica_for_block(scope)
             return override.node
         if scope is None:
-            return self.primary
-        if scope.primary_used:
             return self.primary
         return scope.decision.node
 
@@ -225,11 +302,10 @@ class Router:
         override = current_override()
         if override is not None and override.node is failed:
             override.node = self._choose(usable) if usable else self.primary
-        scope = current_scope()
-        if scope is not None and scope.owner is self and scope.decision.node is failed:
+        scope = self._own_scope()
+        if scope is not None and scope.decision.node is failed:
             again = decide(scope.facts, scope.sticky, self.primary, views, self._choose)
             scope.decision = Decision(again.node, Reason.FAILOVER, again.drop_cookie)
-            scope.primary_used = again.node is self.primary
 
     def _choose(self, nodes: Sequence[Node]) -> Node:
         # Random rather than round-robin: no counter shared between threads, and many
@@ -239,6 +315,9 @@ class Router:
     def _replica_for_block(self, scope: RequestScope | None) -> Node:
         if scope is not None and scope.decision.node.role is Role.REPLICA:
             return scope.decision.node
+        if scope is None and self.probe is not None:
+            # Outside requests nobody else keeps the positions fresh (sync adapters).
+            self.health.refresh(self.probe)
         usable = [view.node for view in self.health.views() if view.usable]
         return self._choose(usable) if usable else self.primary
 

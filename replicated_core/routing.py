@@ -43,13 +43,10 @@ class Node:
 class Reason(enum.Enum):
     """Why a request, or a statement, went where it went."""
 
-    OUTSIDE_REQUEST = "outside a request"
     WRITE_METHOD = "the method may write"
     WEBSOCKET = "websocket"
     DECORATOR = "@changes_database"
-    USE_PRIMARY = "use_primary()"
-    USE_REPLICA = "use_replica()"
-    PINNED = "the request used the primary before"
+    PINNED = "the request used the primary, so it reads its own writes there"
     STICKY = "the client wrote recently"
     STICKY_REPLICAS_BEHIND = "the client wrote and no replica has replayed it yet"
     REPLICA_CAUGHT_UP = "the client wrote and this replica has replayed it"
@@ -126,9 +123,11 @@ class RequestScope:
 
     ``owner`` is the router that opened it, so that another app's engines used in
     the same request are not steered by it; ``token`` resets the contextvar.
+    ``closed`` is set when the request ends: a task the request spawned holds a copy
+    of the context, and must then route like code outside a request.
     """
 
-    __slots__ = ("decision", "facts", "owner", "primary_used", "sticky", "token", "wrote")
+    __slots__ = ("closed", "decision", "facts", "owner", "sticky", "token", "wrote")
 
     def __init__(
         self,
@@ -141,6 +140,6 @@ class RequestScope:
         self.facts = facts
         self.decision = decision
         self.sticky = sticky
-        self.primary_used = decision.node.role is Role.PRIMARY
         self.wrote = False
+        self.closed = False
         self.token: Token[RequestScope | None] | None = None

@@ -49,10 +49,11 @@ class ClusterStatus:
 
     @property
     def healthy(self) -> bool:
-        """The primary answers and at least one replica is usable."""
+        """The primary answers, is not a standby, and at least one replica is usable."""
         primary = [n for n in self.nodes if n.role == Role.PRIMARY.value]
         replicas = [n for n in self.nodes if n.role == Role.REPLICA.value]
-        return all(n.reachable for n in primary) and any(n.usable for n in replicas)
+        primary_ok = all(n.reachable and not n.in_recovery for n in primary)
+        return primary_ok and any(n.usable for n in replicas)
 
     def to_json(self) -> str:
         """The status as a JSON document, for scripts."""

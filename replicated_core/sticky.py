@@ -7,10 +7,13 @@ from dataclasses import dataclass
 
 from itsdangerous import BadData, URLSafeTimedSerializer
 
-__all__ = ["MAX_COOKIE_LENGTH", "StickyCodec", "StickyToken"]
+__all__ = ["CLOCK_SKEW", "MAX_COOKIE_LENGTH", "StickyCodec", "StickyToken"]
 
 # A real token is about 60 characters; anything much longer is not ours.
 MAX_COOKIE_LENGTH = 200
+# App servers behind one load balancer disagree on the time a little, and stamps are
+# whole seconds: a cookie stamped up to this far in the future is still honoured.
+CLOCK_SKEW = 2.0
 _MAX_LSN = 2**64 - 1
 
 
@@ -47,10 +50,11 @@ class StickyCodec:
             payload, signed_at = self._serializer.loads(value, return_timestamp=True)
         except (BadData, ValueError, TypeError, OverflowError):
             return None
-        # The stamp is in whole seconds, rounded down: the age read here is never
-        # less than the true one, so a cookie never outlives max_age.
+        # The stamp is in whole seconds, rounded down: the age read here is never less
+        # than the true one, so a cookie never outlives max_age (plus the skew allowed
+        # for a stamp from a host whose clock is ahead).
         age = time.time() - signed_at.timestamp()
-        if not 0 <= age <= max_age:
+        if not -CLOCK_SKEW <= age <= max_age:
             return None
         if not isinstance(payload, list) or len(payload) != 1:
             return None

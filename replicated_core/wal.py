@@ -19,7 +19,10 @@ __all__ = [
 PRIMARY_POSITION_SQL = "SELECT pg_current_wal_insert_lsn()::text"
 
 # For the status command: is the primary really a primary, and where is it.
-PRIMARY_STATUS_SQL = "SELECT pg_is_in_recovery(), pg_current_wal_insert_lsn()::text"
+# (A standby cannot report an insert position: ask only a server that is not one.)
+PRIMARY_STATUS_SQL = """\
+SELECT pg_is_in_recovery(),
+       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn()::text END"""
 
 # One round trip per replica and check interval. Lag is zero when everything received
 # has been replayed and the receiver is streaming; otherwise it is the age of the last

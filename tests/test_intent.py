@@ -97,3 +97,62 @@ async def test_concurrent_tasks_do_not_see_each_others_intent():
     assert set(b) == {None}
     assert set(c) == {Intent.PRIMARY}
     assert intent() is None
+
+
+async def test_one_block_object_shared_by_concurrent_tasks():
+    shared = use_replica()
+
+    async def task(seen):
+        for _ in range(10):
+            with shared:
+                await asyncio.sleep(0)
+                seen.append(intent())
+            seen.append(intent())
+
+    a, b = [], []
+    await asyncio.gather(task(a), task(b))
+    assert a == b == [Intent.REPLICA, None] * 10
+
+
+def test_one_block_object_shared_by_threads():
+    import threading
+
+    shared, barrier, seen, errors = use_primary(), threading.Barrier(4), [], []
+
+    def worker():
+        try:
+            for _ in range(50):
+                with shared:
+                    barrier.wait(timeout=5)
+                    seen.append(intent())
+                seen.append(intent())
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert seen.count(Intent.PRIMARY) == seen.count(None) == 200
+
+
+def test_generators_cannot_be_decorated():
+    import pytest
+
+    def rows():
+        yield 1
+
+    async def stream():
+        yield 1
+
+    with pytest.raises(TypeError) as caught:
+        use_replica()(rows)
+    assert str(caught.value) == (
+        "'@use_replica()' cannot decorate the generator "
+        "'test_generators_cannot_be_decorated.<locals>.rows': the intent would not hold "
+        "while it runs. Use a 'with use_replica():' block inside it instead."
+    )
+    with pytest.raises(TypeError, match=r"^'@changes_database' cannot decorate the generator"):
+        changes_database(stream)

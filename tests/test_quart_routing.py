@@ -250,3 +250,29 @@ async def test_rep_session_in_a_cli_command(quart_app):
     result = await asyncio.to_thread(runner.invoke, args=["who"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "primary replica"
+
+
+async def test_a_task_started_by_a_request_routes_like_a_job_once_it_ended(quart_app):
+    """The task holds a copy of the GET's context; after the request it must get the
+    primary (jobs default), not the GET's replica, and may write."""
+    import asyncio
+
+    app, rep = quart_app, quart_app.rep
+    finished, outcome = asyncio.Event(), {}
+
+    async def job():
+        await finished.wait()
+        async with app.app_context():
+            outcome["node"] = await app.who()
+            await rep.session.execute(sa.text("INSERT INTO items (name) VALUES ('from-a-job')"))
+            await rep.session.commit()
+
+    @app.get("/start")
+    async def start():
+        outcome["task"] = asyncio.create_task(job())
+        return await app.who()
+
+    assert await text_of(await app.test_client().get("/start")) == "replica"
+    finished.set()
+    await outcome["task"]
+    assert outcome["node"] == "primary"

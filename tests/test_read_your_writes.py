@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -375,4 +376,53 @@ def test_a_recovery_conflict_is_retried_once_on_another_node(fault_backend, faul
     router = app.extensions["replicated"].router(app)
     assert router.health.usable("slave")  # a conflict is not a failure of the server
     assert router.health.states["slave"].failures == 0
+    dispose_flask_app(app)
+
+
+def test_a_paused_replica_is_marked_down_within_the_timeout(fault_backend, fault_cluster):
+    """SIGSTOP on r1 with a warm pool: no connect happens, so only the probe's own
+    deadline can notice. The request that runs the check waits at most
+    REPLICATED_CONNECT_TIMEOUT, then it and the next ones read from r2."""
+    app = make_flask_app(
+        fault_backend,
+        replica=["r1", "r2"],
+        REPLICATED_CONNECT_TIMEOUT=1,
+        REPLICATED_DEBUG_HEADER=HEADER,
+    )
+    router = app.extensions["replicated"].router(app)
+    r1 = fault_cluster.replica("r1")
+    client = app.test_client()
+    while "r1" not in {client.get("/who").headers[HEADER] for _ in range(10)}:
+        pass
+    r1.pause()
+    try:
+        time.sleep(router.health.check_interval * 2)
+        started = time.monotonic()
+        first = client.get("/who")
+        waited = time.monotonic() - started
+        served = {client.get("/who").headers[HEADER] for _ in range(20)}
+    finally:
+        r1.resume()
+    # The abandoned probe answers once r1 runs again; let it hand its connection back
+    # before the pool goes away.
+    for thread in threading.enumerate():
+        if thread.name.startswith("replicated-probe-"):
+            thread.join(timeout=10)
+    assert first.headers[HEADER] == "r2"
+    assert waited < 5  # a bound, not a benchmark: without the deadline it never returns
+    assert served == {"r2"}
+    assert not router.health.usable("r1")
+    dispose_flask_app(app)
+
+
+def test_use_replica_outside_a_request_checks_positions(postgresql_backend):
+    app = make_flask_app(postgresql_backend)
+    router = app.extensions["replicated"].router(app)
+    with app.app_context():
+        assert router.health.refreshes == 0
+        from flask_replicated import use_replica
+
+        with use_replica():
+            assert app.backend.who(app.db.session) == "replica"
+        assert router.health.refreshes == 1
     dispose_flask_app(app)

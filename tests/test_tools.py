@@ -123,7 +123,9 @@ async def _in_thread(func):
     return await asyncio.to_thread(func)
 
 
-def test_counters(flask_app):
+def test_counters(flask_app_factory):
+    """On the lagging replica, so the sticky read cannot find its write replayed yet."""
+    flask_app = flask_app_factory(replica="lagging")
     client = flask_app.test_client()
     client.get("/who")
     client.get("/forced")
@@ -182,4 +184,19 @@ def test_no_password_in_logs_errors_or_output(postgresql_backend, pg_cluster, ca
     texts += [str(r.exc_info[1]) for r in caplog.records if r.exc_info]
     assert any("Replica 'closed' is down" in t for t in texts)
     assert all(password not in t for t in texts)
+    dispose_flask_app(app)
+
+
+def test_a_primary_bind_that_is_a_standby_is_reported(postgresql_backend):
+    """Both URIs point at a standby by mistake: the status names it and exits 1."""
+    standby = postgresql_backend.url("replica")
+    app = make_flask_app(
+        postgresql_backend,
+        replica="lagging",
+        SQLALCHEMY_DATABASE_URI=standby,
+        SQLALCHEMY_BINDS={"master": standby, "slave": postgresql_backend.url("lagging")},
+    )
+    result = _flask_status(app)
+    assert result.exit_code == 1
+    assert "master: in recovery: this is a standby, not the primary" in result.output
     dispose_flask_app(app)

@@ -1,0 +1,117 @@
+"""Hostile sticky cookies: never an exception, never a 500, never pinned past the TTL."""
+
+from __future__ import annotations
+
+import time
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+
+from replicated_core.sticky import CLOCK_SKEW, MAX_COOKIE_LENGTH, StickyCodec, StickyToken
+
+SECRET = "test-secret-key"
+SALT = "replicated.sticky"
+COOKIE = "replicated_sticky"
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def _signed(payload, secret=SECRET, stamp=None):
+    class Signer(TimestampSigner):
+        def get_timestamp(self):
+            return int(time.time()) if stamp is None else stamp
+
+    return URLSafeTimedSerializer(secret, salt=SALT, signer=Signer).dumps(payload)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+
+
+@FUZZ
+@given(st.text(max_size=600) | st.binary(max_size=600).map(lambda b: b.decode("latin-1")))
+def test_random_values_never_raise_and_never_count(value):
+    assert StickyCodec(SECRET).loads(value, max_age=30) is None
+
+
+@FUZZ
+@given(json_values)
+def test_signed_payloads_of_any_shape_are_checked(payload):
+    token = StickyCodec(SECRET).loads(_signed(payload), max_age=30)
+    if token is not None:
+        assert token == StickyToken(payload[0])
+        assert isinstance(payload, list)
+        assert len(payload) == 1
+        assert token.lsn is None or 0 <= token.lsn < 2**64
+
+
+@FUZZ
+@given(st.integers(min_value=-(2**70), max_value=2**70))
+def test_absurd_positions_are_refused(lsn):
+    token = StickyCodec(SECRET).loads(_signed([lsn]), max_age=30)
+    assert (token is not None) == (0 <= lsn < 2**64)
+
+
+@FUZZ
+@given(st.integers(min_value=-(2**40), max_value=2**40))
+def test_a_cookie_lives_no_longer_than_the_ttl(offset):
+    """Whatever stamp a cookie carries (the signer's key leaked, say), it is honoured
+    only while its age is within [-skew, TTL]: a forged cookie pins its sender for the
+    TTL plus the clock-skew allowance at most."""
+    now = int(time.time())
+    stamp = now + offset
+    if stamp < 0:
+        return
+    token = StickyCodec(SECRET).loads(_signed([None], stamp=stamp), max_age=30)
+    age = time.time() - stamp
+    if token is not None:
+        assert -CLOCK_SKEW <= age <= 30
+
+
+@FUZZ
+@given(json_values)
+def test_another_apps_key_is_never_accepted(payload):
+    assert StickyCodec(SECRET).loads(_signed(payload, secret="another-app"), max_age=30) is None
+
+
+def test_oversized_values_are_not_even_verified():
+    valid = _signed([None])
+    assert StickyCodec(SECRET).loads(valid + "=" * MAX_COOKIE_LENGTH, max_age=30) is None
+
+
+cookie_headers = st.lists(
+    st.text(
+        alphabet=st.characters(min_codepoint=33, max_codepoint=126, exclude_characters=";,"),
+        max_size=300,
+    )
+    | st.sampled_from([_signed([None]), _signed([-5]), _signed([None], secret="x")]),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(values=cookie_headers)
+def test_the_flask_app_answers_every_cookie_header(flask_app, values):
+    header = "; ".join(f"{COOKIE}={value}" for value in values)
+    response = flask_app.test_client().get("/who", headers={"Cookie": header})
+    assert response.status_code == 200
+    assert response.text in {"replica", "primary"}
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(values=cookie_headers)
+async def test_the_quart_app_answers_every_cookie_header(quart_app, values):
+    header = "; ".join(f"{COOKIE}={value}" for value in values)
+    response = await quart_app.test_client().get("/who", headers={"Cookie": header})
+    assert response.status_code == 200
+    assert quart_app.errors == []
