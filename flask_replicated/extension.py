@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, load_config, options_to_settings
-from replicated_core.failover import install_failover
+from replicated_core.failover import install_failover, lost_connection
 from replicated_core.health import describe_error
 from replicated_core.router import Router
 from replicated_core.status import ClusterStatus, build_status, status_queries
@@ -83,6 +83,8 @@ class FlaskReplicated:
             install_failover(db.session, self._router_of_session)
             self._hooked.add(db)
         app.cli.add_command(self._cli())
+        # Registered after Flask-SQLAlchemy's own teardown, so it runs first.
+        app.teardown_appcontext(self._close_session)
         request_started.connect(self._request_started, app, weak=False)
         app.after_request(self._after_request)
         request_tearing_down.connect(self._request_tearing_down, app, weak=False)
@@ -155,6 +157,17 @@ class FlaskReplicated:
 
     def _request_tearing_down(self, app: Flask, **extra: Any) -> None:
         self._routers[app].end()
+
+    def _close_session(self, exc: BaseException | None) -> None:
+        session = current_app.extensions["sqlalchemy"].session
+        if not session.registry.has():
+            return
+        try:
+            session.close()
+        except Exception as error:
+            if not lost_connection(error):
+                raise
+            logger.debug("A connection died after its request's work: %s", error.__class__)
 
 
 def probe_replica(node: Node) -> ReplicaProbe:

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, load_config, options_to_settings
-from replicated_core.failover import install_failover
+from replicated_core.failover import install_failover, lost_connection
 from replicated_core.health import describe_error
 from replicated_core.router import Router
 from replicated_core.session import RoutingSession
@@ -258,8 +258,14 @@ class QuartReplicated:
 
     async def _close_session(self, exc: BaseException | None) -> None:
         session: AsyncSession | None = g.pop(_SESSION_KEY, None)
-        if session is not None:
+        if session is None:
+            return
+        try:
             await session.close()
+        except Exception as error:
+            if not lost_connection(error):
+                raise
+            logger.debug("A connection died after its request's work: %s", error.__class__)
 
     async def _dispose(self) -> None:
         await self.dispose()

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from .router import Router
 
-__all__ = ["Failure", "classify_failure", "install_failover"]
+__all__ = ["Failure", "classify_failure", "install_failover", "lost_connection"]
 
 _RECOVERY_CONFLICT = "40001"
 _SERVER_GONE = frozenset({"57P01", "57P02", "57P03"})
@@ -48,6 +48,15 @@ def classify_failure(error: BaseException) -> Failure | None:
     if isinstance(error, OSError):  # TimeoutError and ConnectionRefusedError included
         return Failure.DOWN
     return None
+
+
+def lost_connection(error: BaseException) -> bool:
+    """Whether closing a session failed only because its server connection is gone.
+
+    The server rolls back a transaction whose connection died, so there is nothing
+    left to roll back: a request that already has its answer must not fail for it.
+    """
+    return classify_failure(error) is Failure.DOWN
 
 
 def install_failover(target: Any, router_of: Callable[[Session], Router | None]) -> None:

@@ -146,7 +146,9 @@ def build_status(
                 address=address_of(node),
                 reachable=True,
                 in_recovery=probe.in_recovery if probe is not None else None,
-                lag_seconds=probe.lag_seconds if probe is not None else None,
+                lag_seconds=router.health.states[node.name].lag_seconds
+                if probe is not None
+                else None,
                 lag_bytes=lag_bytes,
                 marked_down=False,
                 usable=router.health.usable(node.name),

@@ -3,6 +3,7 @@ come from the project's own pytest plugin, replicated_core.pytest_plugin."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -96,3 +97,43 @@ def fault_cluster(pg_cluster_factory: Callable[..., Any]) -> Any:
 @pytest.fixture
 def fault_backend(fault_cluster: Any) -> Backend:
     return pg_backend(fault_cluster)
+
+
+_RELIABILITY: list[tuple[str, dict[str, Any]]] = []
+
+
+@pytest.fixture
+def reliability() -> Callable[[str, dict[str, Any]], None]:
+    """Record a scenario's figures for the summary printed at the end of the run."""
+
+    def record(scenario: str, figures: dict[str, Any]) -> None:
+        _RELIABILITY.append((scenario, figures))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _RELIABILITY:
+        return
+    terminalreporter.section("reliability figures")
+    for scenario, figures in _RELIABILITY:
+        details = ", ".join(f"{key}: {value}" for key, value in figures.items())
+        terminalreporter.write_line(f"{scenario}: {details}")
+
+
+@pytest.fixture
+def fault_flask_factory(fault_backend: Backend) -> Iterator[Callable[..., Any]]:
+    """Flask apps on the fault cluster, disposed even when the test fails."""
+    apps: list[Any] = []
+
+    def build(**kwargs: Any) -> Any:
+        app = make_flask_app(fault_backend, **kwargs)
+        apps.append(app)
+        return app
+
+    yield build
+    for thread in threading.enumerate():
+        if thread.name.startswith("replicated-probe-"):
+            thread.join(timeout=10)
+    for app in apps:
+        dispose_flask_app(app)

@@ -1,0 +1,95 @@
+"""Replica health as pure logic, with a hand-driven clock: lag, down-marks, overdue."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from replicated_core.health import Health
+from replicated_core.routing import Node, Role
+from replicated_core.wal import ReplicaProbe
+
+NODE = Node("r1", Role.REPLICA, sa.create_engine("sqlite://"))
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def health(clock, max_lag=30.0):
+    return Health(
+        [NODE], probing=True, check_interval=0.1, max_lag=max_lag, downtime=5, clock=clock
+    )
+
+
+def probe(replay, receive, server_lag):
+    return ReplicaProbe(True, replay, receive, server_lag)
+
+
+def test_an_idle_primary_does_not_look_like_lag():
+    """35 s idle, then one write that a 500 ms-delayed replica has not replayed yet:
+    the server says 35 s since the last replayed commit; the real wait is 0.5 s."""
+    clock = Clock()
+    h = health(clock)
+    h.record(NODE, probe(100, 100, 0.0))
+    clock.now += 35
+    h.record(NODE, probe(100, 200, 35.0))
+    assert h.states["r1"].lag_seconds == 0.0
+    assert h.usable("r1")
+    clock.now += 0.4
+    h.record(NODE, probe(100, 200, 35.4))
+    assert round(h.states["r1"].lag_seconds, 3) == 0.4
+    clock.now += 0.2
+    h.record(NODE, probe(200, 200, 0.0))
+    assert h.states["r1"].lag_seconds == 0.0
+
+
+def test_a_replica_that_stopped_replaying_grows_its_lag():
+    clock = Clock()
+    h = health(clock, max_lag=1.0)
+    h.record(NODE, probe(100, 100, 0.0))
+    for step in range(1, 16):
+        clock.now += 0.1
+        h.record(NODE, probe(100, 100 + step, 0.1 * step))
+    assert round(h.states["r1"].lag_seconds, 3) == 1.4
+    assert not h.usable("r1")
+
+
+def test_a_replica_behind_at_the_first_check_keeps_the_servers_figure():
+    clock = Clock()
+    h = health(clock)
+    h.record(NODE, probe(100, 900, 120.0))
+    assert h.states["r1"].lag_seconds == 120.0
+    assert not h.usable("r1")
+
+
+def test_steady_lag_is_measured_from_the_oldest_waiting_position():
+    """A replica that stays 2 s behind under constant writes reads as steady 1.9 s (the
+    estimate is behind by up to one check interval, as positions are seen when checked),
+    not as a sawtooth that drops to zero whenever it replays one observed position."""
+    clock = Clock()
+    h = health(clock)
+    h.record(NODE, probe(0, 0, 0.0))
+    lags = []
+    for step in range(1, 60):
+        clock.now += 0.1
+        received = step * 10
+        replayed = max(0, (step - 20) * 10)  # 20 checks = 2 s behind
+        h.record(NODE, probe(replayed, received, 0.0))
+        lags.append(round(h.states["r1"].lag_seconds, 3))
+    assert lags[25:] == [1.9] * len(lags[25:])
+
+
+def test_down_then_back_needs_a_fresh_check():
+    clock = Clock()
+    h = health(clock)
+    h.record(NODE, probe(100, 100, 0.0))
+    h.mark_down(NODE, ConnectionRefusedError("refused"))
+    assert not h.usable("r1")
+    clock.now += 6
+    assert not h.usable("r1")  # downtime over, but no check has said it is fine
+    h.record(NODE, probe(100, 100, 0.0))
+    assert h.usable("r1")
