@@ -7,6 +7,7 @@ and a commit and answers the new id.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 SECRET_KEY = "benchmark-secret-key"
 DEBUG_HEADER = "X-Served-By"
+_folders = itertools.count()
 
 
 class Base(DeclarativeBase):
@@ -43,9 +45,9 @@ class Item(Base):
 def sqlite_files(folder: Path, names: Sequence[str], rows: int) -> dict[str, Path]:
     """SQLite files with the same ``items`` rows: the first is the primary.
 
-    WAL journal (kept in the file) and, per connection, ``synchronous=NORMAL`` (see
-    ``fast_sqlite``): a commit then costs no fsync, so the router's own cost is not
-    hidden behind the disk.
+    WAL journal (kept in the file) and, per connection, ``synchronous=OFF`` (see
+    ``fast_sqlite``): neither commits nor checkpoints wait for the disk, so the
+    router's own cost is not hidden behind disk noise.
     """
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / f"{name}.sqlite3" for name in names}
@@ -66,12 +68,21 @@ def sqlite_files(folder: Path, names: Sequence[str], rows: int) -> dict[str, Pat
     return paths
 
 
+def sqlite_urls(
+    folder: Path, names: Sequence[str], rows: int, driver: str = "sqlite"
+) -> dict[str, str]:
+    """``sqlite_files`` in a new subfolder of ``folder`` (one per app: apps never
+    share a file), as URLs for ``driver`` ("sqlite" or "sqlite+aiosqlite")."""
+    paths = sqlite_files(folder / f"app{next(_folders)}", names, rows)
+    return {name: f"{driver}:///{path}" for name, path in paths.items()}
+
+
 def fast_sqlite(engines: Sequence[Engine]) -> None:
-    """``PRAGMA synchronous=NORMAL`` on every new connection of SQLite ``engines``."""
+    """``PRAGMA synchronous=OFF`` on every new connection of SQLite ``engines``."""
 
     def pragmas(dbapi_connection: Any, record: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA synchronous=OFF")
         cursor.close()
 
     for engine in engines:
@@ -132,7 +143,7 @@ def flask_app(
 
     @app.get("/items/<int:item_id>")
     def read(item_id: int) -> Any:
-        query = sa.select(FlaskItem.name).where(FlaskItem.id == item_id)
+        query: Any = sa.select(FlaskItem.name).where(FlaskItem.id == item_id)
         name = db.session.execute(query).scalar_one_or_none()
         return ("missing", 404) if name is None else name
 
@@ -146,7 +157,7 @@ def flask_app(
         return str(item_id), 201
 
     with app.app_context():
-        engines = list(dict.values(db.engines))
+        engines: list[Engine] = list(db.engines.values())
     fast_sqlite(engines)
     return FlaskBench(app, engines, db)
 
@@ -237,4 +248,3 @@ def quart_app(
         return str(item_id), 201
 
     return bench
-

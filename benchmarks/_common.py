@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import os
 import platform
 import shutil
@@ -39,7 +40,12 @@ def banner(title: str, quick: bool) -> None:
 
 
 def machine() -> str:
-    """CPUs, Python, date and the library's git revision (dirty when edited)."""
+    """CPUs, Python, date, git revision, and a hash of the library's sources as run.
+
+    The hash tells runs of different library code apart when the tree has
+    uncommitted changes.
+    """
+    packages = ["replicated_core", "flask_replicated", "quart_replicated"]
     try:
         rev = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
@@ -48,17 +54,21 @@ def machine() -> str:
             check=False,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", *packages],
             capture_output=True,
             text=True,
             check=False,
         ).stdout.strip()
     except OSError:
         rev, dirty = "?", ""
+    digest = hashlib.sha256()
+    for path in sorted(p for package in packages for p in (ROOT / package).glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         f"nproc {os.cpu_count()}, Python {platform.python_version()}, {now}, "
-        f"git {rev or '?'}{' + uncommitted changes' if dirty else ''}"
+        f"git {rev or '?'}{' + uncommitted library changes' if dirty else ''}, "
+        f"library sources {digest.hexdigest()[:10]}"
     )
 
 
@@ -159,10 +169,14 @@ def pg_cluster(replicas: Sequence[ReplicaSpec], seed_rows: int) -> Iterator[PgCl
             engine = sa.create_engine(cluster.primary.url("psycopg"))
             with engine.begin() as conn:
                 conn.execute(
-                    sa.text("CREATE TABLE items (id SERIAL PRIMARY KEY, name VARCHAR(200) NOT NULL)")
+                    sa.text(
+                        "CREATE TABLE items (id SERIAL PRIMARY KEY, name VARCHAR(200) NOT NULL)"
+                    )
                 )
                 conn.execute(
-                    sa.text("INSERT INTO items (name) SELECT 'seed-' || n FROM generate_series(1, :n) n"),
+                    sa.text(
+                        "INSERT INTO items (name) SELECT 'seed-' || n FROM generate_series(1, :n) n"
+                    ),
                     {"n": seed_rows},
                 )
             engine.dispose()
@@ -170,4 +184,3 @@ def pg_cluster(replicas: Sequence[ReplicaSpec], seed_rows: int) -> Iterator[PgCl
             yield cluster
         finally:
             cluster.stop()
-

@@ -1,8 +1,9 @@
 """Transparent retry of a read whose replica failed, through ``do_orm_execute``.
 
 A statement is retried on another node only when it is the first of its session's
-transaction: nothing has run there, so rolling back loses nothing. Otherwise the
-error propagates, but the replica is still marked down for the next requests.
+transaction: nothing has run there, so rolling back loses nothing. A later statement
+that fails propagates its error; the next position check or first statement on that
+replica marks it down.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError, OperationalError
+
+from .intent import Intent, current_override, current_scope
+from .routing import Role
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -59,17 +63,28 @@ def lost_connection(error: BaseException) -> bool:
     return classify_failure(error) is Failure.DOWN
 
 
+def _may_reach_replica() -> bool:
+    override = current_override()
+    if override is not None:
+        return override.intent is Intent.REPLICA
+    scope = current_scope()
+    return scope is not None and not scope.closed and scope.decision.node.role is Role.REPLICA
+
+
 def install_failover(target: Any, router_of: Callable[[Session], Router | None]) -> None:
     """Listen on ``target`` (a Session class, sessionmaker or scoped_session)."""
 
     def retry_elsewhere(state: ORMExecuteState) -> Any:
+        # Cheap exits first, this runs for every ORM statement: only the first
+        # statement of a transaction can be retried, and only a replica can fail over.
+        if state.session.in_transaction() or not _may_reach_replica():
+            return None
         router = router_of(state.session)
         if router is None:
             return None
         node = router.replica_of(state.session.get_bind(**state.bind_arguments))
         if node is None:
             return None
-        fresh = not state.session.in_transaction()
         try:
             return state.invoke_statement()
         except Exception as error:
@@ -78,8 +93,6 @@ def install_failover(target: Any, router_of: Callable[[Session], Router | None])
                 raise
             if failure is Failure.DOWN:
                 router.health.mark_down(node, error)
-            if not fresh:
-                raise
             state.session.rollback()
             router.reroute(node)
             return state.invoke_statement()

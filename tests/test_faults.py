@@ -198,7 +198,7 @@ def test_flask_replica_lag_past_max_lag_under_load(fault_flask_factory, fault_cl
         ]
     )
     try:
-        samples = flask_load(app, seconds=7.5)
+        samples = flask_load(app, seconds=9)
     finally:
         thread.join()
         stop_writing.set()
@@ -207,7 +207,7 @@ def test_flask_replica_lag_past_max_lag_under_load(fault_flask_factory, fault_cl
     # Lag passes 0.5 s half a second after the pause; the router sees it once a check
     # has watched WAL wait that long, and checks come slower when 100 threads share two
     # cores. Report how long r1 kept getting reads after that, and require none from
-    # 2.5 s after it until the end of the pause.
+    # 3.5 s after it until the end of the pause.
     over_at = times[0] + 0.5
     last_r1 = max(
         (s.start for s in samples if over_at <= s.start < times[1] and s.node == "r1"),
@@ -217,7 +217,7 @@ def test_flask_replica_lag_past_max_lag_under_load(fault_flask_factory, fault_cl
     found["r1 skipped after lag > max (s)"] = round(last_r1 - over_at, 2)
     reliability("Flask: replica lag past max lag", found)
     assert found["failed"] == 0
-    assert not [s for s in samples if over_at + 2.5 <= s.start < times[1] and s.node == "r1"]
+    assert not [s for s in samples if over_at + 3.5 <= s.start < times[1] and s.node == "r1"]
     assert found["traffic back after (s)"] is not None
 
 
