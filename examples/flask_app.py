@@ -10,7 +10,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 from flask_replicated import FlaskReplicated
 
-from .page import render
+from .page import render_page
 
 
 def create_app(primary_url: str, replica_url: str, note: str = "") -> Flask:
@@ -33,12 +33,7 @@ def create_app(primary_url: str, replica_url: str, note: str = "") -> Flask:
     @app.get("/")
     def index() -> Any:
         names = list(db.session.scalars(sa.select(Item.name).order_by(Item.id)))
-        router = rep.router()
-        node = router.node()
-        decision = router.current_decision()
-        reason = decision.reason.value if decision is not None else "outside a request"
-        server = node.engine.url.render_as_string(hide_password=True)
-        return render(node.name, node.role.value, server, reason, names, "/items", note)
+        return render_page(rep.router(), names, note)
 
     @app.post("/items")
     def add() -> Any:

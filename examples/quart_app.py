@@ -10,7 +10,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from quart_replicated import QuartReplicated
 
-from .page import render
+from .page import render_page
 
 
 class Base(DeclarativeBase):
@@ -36,12 +36,7 @@ def create_app(primary_url: str, replica_url: str, note: str = "") -> Quart:
     @app.get("/")
     async def index() -> Any:
         names = list(await rep.session.scalars(sa.select(Item.name).order_by(Item.id)))
-        router = rep.router()
-        node = router.node()
-        decision = router.current_decision()
-        reason = decision.reason.value if decision is not None else "outside a request"
-        server = node.engine.url.render_as_string(hide_password=True)
-        return render(node.name, node.role.value, server, reason, names, "/items", note)
+        return render_page(rep.router(), names, note)
 
     @app.post("/items")
     async def add() -> Any:

@@ -98,29 +98,21 @@ def figures(samples, fault_at, recover_at, node):
     }
 
 
+FAULT_CONFIG = {
+    "TESTING": False,
+    "REPLICATED_DEBUG_HEADER": HEADER,
+    "REPLICATED_REPLICA_DOWNTIME": 1,
+    "REPLICATED_CONNECT_TIMEOUT": 1,
+    "SQLALCHEMY_ENGINE_OPTIONS": {"pool_size": 20, "max_overflow": 20},
+}
+
+
 def _flask_app(factory, **config):
-    return factory(
-        replica=["r1", "r2"],
-        TESTING=False,
-        REPLICATED_DEBUG_HEADER=HEADER,
-        REPLICATED_REPLICA_DOWNTIME=1,
-        REPLICATED_CONNECT_TIMEOUT=1,
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 20, "max_overflow": 20},
-        **config,
-    )
+    return factory(replica=["r1", "r2"], **{**FAULT_CONFIG, **config})
 
 
 def _quart_app(backend, **config):
-    return make_quart_app(
-        backend,
-        replica=["r1", "r2"],
-        TESTING=False,
-        REPLICATED_DEBUG_HEADER=HEADER,
-        REPLICATED_REPLICA_DOWNTIME=1,
-        REPLICATED_CONNECT_TIMEOUT=1,
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 20, "max_overflow": 20},
-        **config,
-    )
+    return make_quart_app(backend, replica=["r1", "r2"], **{**FAULT_CONFIG, **config})
 
 
 def _restart(node):
