@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from html import escape
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from replicated_core.router import Router
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>replicated-router demo</title>
@@ -33,3 +37,12 @@ def render(
         action=escape(action),
         note=escape(note),
     )
+
+
+def render_page(router: Router, names: list[str], note: str) -> str:
+    """The list page for the current request, saying which node served it and why."""
+    node = router.node()
+    decision = router.current_decision()
+    reason = decision.reason.value if decision is not None else "outside a request"
+    server = node.engine.url.render_as_string(hide_password=True)
+    return render(node.name, node.role.value, server, reason, names, "/items", note)
