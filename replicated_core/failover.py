@@ -1,33 +1,48 @@
-"""Transparent retry of a read whose replica failed, through ``do_orm_execute``.
+"""Transparent retry of a read whose replica failed.
 
 A statement is retried on another node only when it is the first of its session's
 transaction: nothing has run there, so rolling back loses nothing. A later statement
 that fails propagates its error; the next position check or first statement on that
 replica marks it down.
+
+The retry wraps the session's ``execute``, ``scalar`` and ``scalars``, the three
+doors every ORM read goes through (``get``, ``Query`` and lazy loads call
+``execute``). A ``do_orm_execute`` listener would do the same but makes SQLAlchemy
+build an execution state and pre-process every statement twice, whether or not it
+ever fails: the wrapper costs two context-variable reads. Which replica failed is
+told by the router's ``handle_error`` listener on the replica engines, which tags
+the error with its node.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any
+import functools
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from .intent import Intent, current_override, current_scope
-from .routing import Role
+from .intent import Intent, current_override, current_scope, override_var, scope_var
+from .routing import Node, Role
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from sqlalchemy.orm import ORMExecuteState, Session
+    from sqlalchemy.orm import Session
 
     from .router import Router
 
-__all__ = ["Failure", "classify_failure", "install_failover", "lost_connection"]
+__all__ = [
+    "Failure",
+    "classify_failure",
+    "lost_connection",
+    "tag_failed_replica",
+    "with_failover",
+]
 
 _RECOVERY_CONFLICT = "40001"
 _SERVER_GONE = frozenset({"57P01", "57P02", "57P03"})
+_NODE_ATTRIBUTE = "_replicated_failed_node"
 
 
 class Failure(enum.Enum):
@@ -63,38 +78,68 @@ def lost_connection(error: BaseException) -> bool:
     return classify_failure(error) is Failure.DOWN
 
 
-def _may_reach_replica() -> bool:
-    override = current_override()
-    if override is not None:
-        return override.intent is Intent.REPLICA
-    scope = current_scope()
-    return scope is not None and not scope.closed and scope.decision.node.role is Role.REPLICA
+def tag_failed_replica(error: BaseException | None, node: Node) -> None:
+    """Mark ``error`` as raised by ``node``, a replica (from ``handle_error``)."""
+    if error is not None:
+        setattr(error, _NODE_ATTRIBUTE, node)
 
 
-def install_failover(target: Any, router_of: Callable[[Session], Router | None]) -> None:
-    """Listen on ``target`` (a Session class, sessionmaker or scoped_session)."""
+def _failed_replica(error: BaseException) -> Node | None:
+    node = getattr(error, _NODE_ATTRIBUTE, None)
+    if node is None and isinstance(error, OSError):
+        # A driver's own timeout at connect (asyncpg) is no DBAPI error, so no engine
+        # listener saw it: it came from the replica the intent points to.
+        override = current_override()
+        scope = current_scope()
+        if override is not None:
+            node = override.node
+        elif scope is not None and not scope.closed:
+            node = scope.decision.node
+    if isinstance(node, Node) and node.role is Role.REPLICA:
+        return node
+    return None
 
-    def retry_elsewhere(state: ORMExecuteState) -> Any:
-        # Cheap exits first, this runs for every ORM statement: only the first
-        # statement of a transaction can be retried, and only a replica can fail over.
-        if state.session.in_transaction() or not _may_reach_replica():
-            return None
-        router = router_of(state.session)
-        if router is None:
-            return None
-        node = router.replica_of(state.session.get_bind(**state.bind_arguments))
-        if node is None:
-            return None
+
+S = TypeVar("S", bound="Session")
+
+_METHODS = ("execute", "scalar", "scalars")
+
+
+def with_failover(session_class: type[S], router_of: Callable[[Session], Router | None]) -> type[S]:
+    """A subclass of ``session_class`` whose reads fail over to another node.
+
+    ``router_of`` finds the router of a session (None: no routing, no retry).
+    """
+    namespace = {name: _retrying(getattr(session_class, name), router_of) for name in _METHODS}
+    return type(session_class.__name__, (session_class,), namespace)
+
+
+def _retrying(method: Callable[..., Any], router_of: Callable[[Session], Router | None]) -> Any:
+    @functools.wraps(method)
+    def call(session: Session, *args: Any, **kwargs: Any) -> Any:
+        # Cheap exits first: this runs for every ORM statement.
+        override = override_var.get()
+        if override is not None:
+            first_read = override.intent is Intent.REPLICA
+        else:
+            scope = scope_var.get()
+            first_read = (
+                scope is not None and not scope.closed and scope.decision.node.role is Role.REPLICA
+            )
+        if not first_read or session.in_transaction():
+            return method(session, *args, **kwargs)
         try:
-            return state.invoke_statement()
+            return method(session, *args, **kwargs)
         except Exception as error:
             failure = classify_failure(error)
-            if failure is None:
+            router = router_of(session) if failure is not None else None
+            node = _failed_replica(error) if router is not None else None
+            if router is None or node is None:
                 raise
             if failure is Failure.DOWN:
                 router.health.mark_down(node, error)
-            state.session.rollback()
+            session.rollback()
             router.reroute(node)
-            return state.invoke_statement()
+        return method(session, *args, **kwargs)
 
-    event.listen(target, "do_orm_execute", retry_elsewhere)
+    return call

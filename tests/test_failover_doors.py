@@ -1,0 +1,114 @@
+"""Every way the ORM reads fails over when the replica cannot be reached.
+
+The replica is a SQLite file in a directory that does not exist, so every connect to
+it fails for real; the first statement of each request must then be retried on the
+primary, whichever session method ran it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import sqlalchemy as sa
+from support import make_flask_app, make_quart_app, sqlite_backend
+
+from replicated_core import use_primary, use_replica
+from replicated_core.routing import Reason
+
+
+@pytest.fixture
+def broken(tmp_path):
+    """A SQLite backend whose "replica" cannot be opened."""
+    backend = sqlite_backend(tmp_path)
+    gone = tmp_path / "no-such-dir" / "replica.sqlite3"
+    return replace(
+        backend,
+        urls={**backend.urls, "replica": f"sqlite:///{gone}"},
+        async_urls={**backend.async_urls, "replica": f"sqlite+aiosqlite:///{gone}"},
+    )
+
+
+FLASK_DOORS = {
+    "execute": lambda db, Item: db.session.execute(sa.select(Item.name)).all(),
+    "scalars": lambda db, Item: db.session.scalars(sa.select(Item.name)).all(),
+    "scalar": lambda db, Item: db.session.scalar(sa.select(sa.func.count(Item.id))),
+    "get": lambda db, Item: db.session.get(Item, 1),
+    "query": lambda db, Item: Item.query.all(),
+}
+
+
+@pytest.mark.parametrize("door", sorted(FLASK_DOORS))
+def test_flask_reads_fail_over_through_every_door(broken, door):
+    app = make_flask_app(broken)
+    router = app.extensions["replicated"].router(app)
+    seen = []
+
+    @app.get("/door")
+    def read():
+        FLASK_DOORS[door](app.db, app.Item)
+        seen.append(router.current_decision().reason)
+        return broken.who(app.db.session)
+
+    response = app.test_client().get("/door")
+    assert response.status_code == 200
+    assert response.text == "primary"
+    assert seen == [Reason.FAILOVER]
+    assert router.metrics()["retries"] == 1
+    assert not router.health.usable("slave")
+
+
+def test_flask_a_failure_after_the_first_statement_is_not_retried(broken):
+    """Once a transaction has run a statement, rolling back would lose it: the error
+    reaches the view."""
+    app = make_flask_app(broken)
+    router = app.extensions["replicated"].router(app)
+
+    @app.post("/late")
+    def late():
+        with use_primary():
+            app.db.session.execute(sa.text("SELECT 1"))
+        with use_replica():
+            try:
+                app.db.session.execute(sa.text("SELECT 1"))
+            except sa.exc.OperationalError:
+                return "raised"
+        return "no error"
+
+    with app.test_client() as client:
+        assert client.post("/late").text == "raised"
+    assert router.metrics().get("retries", 0) == 0
+
+
+QUART_DOORS = {
+    "execute": lambda s, Item: s.execute(sa.select(Item.name)),
+    "scalars": lambda s, Item: s.scalars(sa.select(Item.name)),
+    "scalar": lambda s, Item: s.scalar(sa.select(sa.func.count(Item.id))),
+    "get": lambda s, Item: s.get(Item, 1),
+    "stream": lambda s, Item: s.stream(sa.select(Item.name)),
+}
+
+
+@pytest.mark.parametrize("door", sorted(QUART_DOORS))
+async def test_quart_reads_fail_over_through_every_door(broken, door):
+    app = make_quart_app(broken)
+    router = app.rep.router(app)
+    seen = []
+
+    @app.get("/door")
+    async def read():
+        result = await QUART_DOORS[door](app.rep.session, app.Item)
+        if door == "stream":
+            await result.all()
+        seen.append(router.current_decision().reason)
+        return broken.label((await app.rep.session.execute(sa.text(broken.who_sql))).scalar())
+
+    async with app.test_app():
+        response = await app.test_client().get("/door")
+        text = await response.get_data(as_text=True)
+    assert app.errors == []
+    assert response.status_code == 200
+    assert text == "primary"
+    assert seen == [Reason.FAILOVER]
+    assert router.metrics()["retries"] == 1
+    assert not router.health.usable("slave")
