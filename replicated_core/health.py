@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -89,23 +90,42 @@ class Health:
         self._refresh_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._starved = False
+        self._version = 0
+        self._views: tuple[int, float, tuple[ReplicaView, ...]] | None = None
         self._pending: set[asyncio.Future[ReplicaProbe]] = set()
 
     # -- reading -------------------------------------------------------------------
 
-    def views(self) -> list[ReplicaView]:
-        """Every replica as the routing decision sees it now."""
+    def views(self) -> Sequence[ReplicaView]:
+        """Every replica as the routing decision sees it now.
+
+        Built again only after a change of state or when a downtime ends, so the
+        requests in between share one tuple.
+        """
         now = self.clock()
-        views = [
+        cached = self._views
+        if cached is not None and cached[0] == self._version and now < cached[1]:
+            return cached[2]
+        version = self._version
+        states = list(self.states.values())
+        views = tuple(
             ReplicaView(
                 s.node,
                 self._usable(s, now),
                 s.probe.replay_lsn if s.probe is not None else None,
             )
-            for s in self.states.values()
-        ]
+            for s in states
+        )
+        # Until the first downtime still running ends, nothing changes without a
+        # new version.
+        valid_until = min((s.down_until for s in states if s.down_until > now), default=math.inf)
+        self._views = (version, valid_until, views)
         self._note_starvation(any(v.usable for v in views))
         return views
+
+    def _changed(self) -> None:
+        # Called after every change that may change a view.
+        self._version += 1
 
     def usable(self, name: str) -> bool:
         """Whether the replica called ``name`` may serve reads now."""
@@ -224,6 +244,7 @@ class Health:
             if answered() or state.overdue_since is not None:
                 return
             state.overdue_since = self.clock()
+            self._changed()
         logger.warning(
             "Replica '%s' did not answer its position check within %g s; it gets no reads "
             "until it does.",
@@ -238,6 +259,7 @@ class Health:
             if state.overdue_since is not None:
                 late_by = self.clock() - state.overdue_since + self.probe_timeout
                 state.overdue_since = None
+                self._changed()
         if isinstance(outcome, BaseException):
             self.mark_down(node, outcome)
             return
@@ -255,6 +277,7 @@ class Health:
         state.probe = probe
         state.lag_seconds = self._lag(state, probe)
         state.needs_check = False
+        self._changed()
         if state.down_since is not None:
             logger.warning(
                 "Replica '%s' answers again after %.1f s; it serves reads again.",
@@ -263,6 +286,7 @@ class Health:
             )
             state.down_since = None
             state.down_until = 0.0
+            self._changed()
         if not probe.in_recovery and not state.warned_not_in_recovery:
             state.warned_not_in_recovery = True
             logger.warning(
@@ -315,6 +339,7 @@ class Health:
         state.first_seen = None
         first = now >= state.down_until and state.down_since is None
         state.down_until = now + self.downtime
+        self._changed()
         if first:
             state.down_since = now
             logger.warning(

@@ -63,6 +63,12 @@ _override: ContextVar[Override | None] = ContextVar("replicated_override", defau
 _scope: ContextVar[RequestScope | None] = ContextVar("replicated_scope", default=None)
 
 
+# The variables themselves, for the per-statement paths: ``scope_var.get()`` saves
+# the call around it, and those paths run for every statement.
+override_var = _override
+scope_var = _scope
+
+
 def current_override() -> Override | None:
     """The innermost active ``use_primary()``/``use_replica()`` block, if any."""
     return _override.get()

@@ -6,17 +6,20 @@ start of each request, and ask ``node()`` whenever SQLAlchemy needs a bind.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from urllib.parse import quote
 
 from sqlalchemy import event
 
 from .config import ReplicatedConfig, StickyMode
 from .counters import Counters
 from .errors import ReplicaWriteError
+from .failover import tag_failed_replica
 from .health import Health
 from .intent import (
     Intent,
@@ -25,8 +28,19 @@ from .intent import (
     enter_scope,
     exit_scope,
     forces_primary,
+    override_var,
+    scope_var,
 )
-from .routing import Decision, Node, Reason, RequestFacts, RequestScope, Role, decide
+from .routing import (
+    Decision,
+    Node,
+    Reason,
+    ReplicaView,
+    RequestFacts,
+    RequestScope,
+    Role,
+    decide,
+)
 from .statements import is_write_sql
 from .sticky import StickyCodec, StickyToken
 from .wal import format_lsn
@@ -42,34 +56,37 @@ __all__ = ["CookieUpdate", "Router"]
 
 _READ_ONLY_SQLSTATE = "25006"
 
+T = TypeVar("T")
+
 logger = logging.getLogger("replicated")
+
+# Views times methods: far more than any app has.
+_MAX_FACTS = 4096
 
 # The three ways a dialect hands a statement to the driver.
 _EXECUTE_HOOKS = ("do_execute", "do_executemany", "do_execute_no_params")
 
 
-class _Response(Protocol):
-    def set_cookie(
-        self,
-        key: str,
-        value: str = "",
-        *,
-        max_age: int | None = None,
-        path: str | None = "/",
-        secure: bool = False,
-        httponly: bool = False,
-        samesite: str | None = None,
-    ) -> None: ...
+class _Headers(Protocol):
+    def add(self, key: str, value: str, /) -> None: ...
 
-    def delete_cookie(
-        self,
-        key: str,
-        *,
-        path: str | None = "/",
-        secure: bool = False,
-        httponly: bool = False,
-        samesite: str | None = None,
-    ) -> None: ...
+
+class _Response(Protocol):
+    @property
+    def headers(self) -> _Headers: ...
+
+
+# What Werkzeug writes for a deleted cookie, for clients that ignore Max-Age=0.
+_EPOCH = "Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+@functools.lru_cache(maxsize=16)
+def _cookie_attributes(max_age: int, path: str, secure: bool) -> str:
+    expires = f"; Expires={_EPOCH}" if max_age == 0 else ""
+    quoted = quote(path, safe="%!$&'()*+,/:=@")
+    return f"{expires}; Max-Age={max_age}; Path={quoted}; HttpOnly; SameSite=Lax" + (
+        "; Secure" if secure else ""
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,22 +103,21 @@ class CookieUpdate:
     path: str
     secure: bool
 
+    def header(self) -> str:
+        """The ``Set-Cookie`` header value.
+
+        Written here rather than by Werkzeug's ``set_cookie``, which formats an
+        Expires date on every call (a third of the cost of a write's response in the
+        overhead benchmark). Max-Age alone sets the lifetime in every current browser;
+        the value is the signer's URL-safe alphabet and needs no quoting.
+        """
+        value = "" if self.value is None else self.value
+        max_age = 0 if self.value is None else self.max_age
+        return f"{self.name}={value}" + _cookie_attributes(max_age, self.path, self.secure)
+
     def apply(self, response: _Response) -> None:
         """Set or delete the cookie on a Werkzeug-style (Flask or Quart) response."""
-        if self.value is None:
-            response.delete_cookie(
-                self.name, path=self.path, secure=self.secure, httponly=True, samesite="Lax"
-            )
-        else:
-            response.set_cookie(
-                self.name,
-                self.value,
-                max_age=self.max_age,
-                path=self.path,
-                secure=self.secure,
-                httponly=True,
-                samesite="Lax",
-            )
+        response.headers.add("Set-Cookie", self.header())
 
 
 class Router:
@@ -142,6 +158,9 @@ class Router:
                 "keep clients on the primary after their writes."
             )
         self._random = random.Random()
+        self._facts: dict[tuple[str, str | None, object, bool], RequestFacts] = {}
+        self._names: dict[tuple[Reason, Role, bool], tuple[str, ...]] = {}
+        self._reads: tuple[Sequence[ReplicaView] | None, tuple[Decision, ...]] = (None, ())
         self._install_guards()
 
     # -- per request -------------------------------------------------------------
@@ -150,17 +169,27 @@ class Router:
         self, method: str, view_name: str | None, view: object, *, websocket: bool = False
     ) -> RequestFacts:
         """What the router needs to know of a request: its method and view function."""
-        readonly = (
-            self.config.websocket_readonly if websocket else method in self.config.readonly_methods
-        )
-        return RequestFacts(method, view_name, readonly, forces_primary(view), websocket)
+        key = (method, view_name, view, websocket)
+        facts = self._facts.get(key)
+        if facts is None:
+            readonly = (
+                self.config.websocket_readonly
+                if websocket
+                else method in self.config.readonly_methods
+            )
+            facts = RequestFacts(method, view_name, readonly, forces_primary(view), websocket)
+            # Only matched views are kept, so a client inventing methods or paths
+            # cannot grow the table.
+            if view is not None and len(self._facts) < _MAX_FACTS:
+                self._facts[key] = facts
+        return facts
 
     def begin(self, facts: RequestFacts, cookie: str | None) -> Decision:
         """Decide where the request reads and make that the current scope."""
         sticky = self.read_cookie(cookie) if facts.readonly and not facts.forced_primary else None
-        decision = decide(facts, sticky, self.primary, self.health.views(), self._choose)
+        decision = self._decide(facts, sticky)
         enter_scope(RequestScope(self, facts, decision, sticky))
-        self._count(decision, sticky is not None)
+        self.counters.add_event(self._counter_names(decision, sticky is not None))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "%s %s: %s '%s' because %s%s",
@@ -173,17 +202,35 @@ class Router:
             )
         return decision
 
-    def _count(self, decision: Decision, sticky: bool) -> None:
-        names = ["requests_total"]
-        if decision.node.role is Role.REPLICA:
-            names.append("requests_to_replica")
-        else:
-            names.append(f"requests_to_primary.{decision.reason.name.lower()}")
-        if decision.reason is Reason.NO_REPLICA:
-            names.append("fallbacks")
-        if sticky:
-            names.append("sticky_hits")
-        self.counters.add(*names)
+    def _decide(self, facts: RequestFacts, sticky: StickyToken | None) -> Decision:
+        views = self.health.views()
+        if sticky is None and facts.readonly and not facts.forced_primary:
+            # Most requests: a plain read. ``decide`` would pick one of the usable
+            # replicas for Reason.READ; the choices are kept for as long as the
+            # health registry hands out the same views.
+            reads = self._reads
+            if reads[0] is not views:
+                choices = tuple(Decision(v.node, Reason.READ) for v in views if v.usable)
+                reads = self._reads = (views, choices)
+            if reads[1]:
+                return self._choose(reads[1])
+        return decide(facts, sticky, self.primary, views, self._choose)
+
+    def _counter_names(self, decision: Decision, sticky: bool) -> tuple[str, ...]:
+        key = (decision.reason, decision.node.role, sticky)
+        names = self._names.get(key)
+        if names is None:
+            found = ["requests_total"]
+            if decision.node.role is Role.REPLICA:
+                found.append("requests_to_replica")
+            else:
+                found.append(f"requests_to_primary.{decision.reason.name.lower()}")
+            if decision.reason is Reason.NO_REPLICA:
+                found.append("fallbacks")
+            if sticky:
+                found.append("sticky_hits")
+            names = self._names[key] = tuple(found)
+        return names
 
     def needs_positions(self, facts: RequestFacts) -> bool:
         """Whether a request with ``facts`` reads from replicas, so wants fresh health."""
@@ -191,18 +238,19 @@ class Router:
 
     def served_by(self) -> Node | None:
         """The node that served the current request's default reads, if in one."""
-        scope = self._own_scope()
+        scope = self.scope()
         return scope.decision.node if scope is not None else None
 
-    def _own_scope(self) -> RequestScope | None:
-        scope = current_scope()
+    def scope(self) -> RequestScope | None:
+        """The scope of the request this router is serving now, if any."""
+        scope = scope_var.get()
         if scope is None or scope.owner is not self or scope.closed:
             return None
         return scope
 
     def end(self) -> None:
         """Close the request scope opened by ``begin``; a no-op when there is none."""
-        scope = self._own_scope()
+        scope = self.scope()
         if scope is not None:
             if scope.wrote:
                 self.counters.add("writes")
@@ -217,7 +265,7 @@ class Router:
 
     def needs_write_position(self) -> bool:
         """Whether the response must carry the primary's WAL position (ask it first)."""
-        scope = self._own_scope()
+        scope = self.scope()
         return (
             scope is not None
             and scope.wrote
@@ -234,7 +282,7 @@ class Router:
         in WAL mode). After a read that found every replica caught up: delete it.
         ``secure`` tells whether the request came over HTTPS; ``path`` is the app's root.
         """
-        scope = self._own_scope()
+        scope = self.scope()
         if scope is None or self.codec is None or self.sticky_mode is StickyMode.OFF:
             return None
         name = self.config.cookie_name
@@ -256,15 +304,15 @@ class Router:
 
     def current_decision(self) -> Decision | None:
         """The decision of the request being served by this router, if any."""
-        scope = self._own_scope()
+        scope = self.scope()
         return scope.decision if scope is not None else None
 
     # -- per statement -----------------------------------------------------------
 
     def node(self) -> Node:
         """The node for the next statement, from the current intent. The hot path."""
-        override = current_override()
-        scope = current_scope()
+        override = override_var.get()
+        scope = scope_var.get()
         if scope is not None and (scope.owner is not self or scope.closed):
             scope = None
         if override is not None:
@@ -305,15 +353,15 @@ class Router:
         override = current_override()
         if override is not None and override.node is failed:
             override.node = self._choose(usable) if usable else self.primary
-        scope = self._own_scope()
+        scope = self.scope()
         if scope is not None and scope.decision.node is failed:
             again = decide(scope.facts, scope.sticky, self.primary, views, self._choose)
             scope.decision = Decision(again.node, Reason.FAILOVER, again.drop_cookie)
 
-    def _choose(self, nodes: Sequence[Node]) -> Node:
+    def _choose(self, choices: Sequence[T]) -> T:
         # Random rather than round-robin: no counter shared between threads, and many
         # worker processes spread evenly without coordinating.
-        return nodes[0] if len(nodes) == 1 else self._random.choice(nodes)
+        return choices[0] if len(choices) == 1 else self._random.choice(choices)
 
     def _replica_for_block(self, scope: RequestScope | None) -> Node:
         if scope is not None and scope.decision.node.role is Role.REPLICA:
@@ -336,7 +384,7 @@ class Router:
             refuse = self._refuse_write(node)
             for hook in _EXECUTE_HOOKS:
                 event.listen(node.engine, hook, refuse)
-            event.listen(node.engine, "handle_error", self._translate_refusal(node))
+            event.listen(node.engine, "handle_error", self._on_replica_error(node))
             event.listen(node.engine, "do_connect", self._limit_connect_time)
 
     def _limit_connect_time(self, dialect: Any, rec: Any, cargs: Any, cparams: Any) -> None:
@@ -349,7 +397,7 @@ class Router:
             cparams.setdefault("timeout", timeout)
 
     def _note_write(self, cursor: Any, statement: str, *args: Any) -> None:
-        scope = current_scope()
+        scope = scope_var.get()
         if scope is not None and not scope.wrote and is_write_sql(statement):
             scope.wrote = True
 
@@ -360,14 +408,17 @@ class Router:
 
         return refuse
 
-    def _translate_refusal(self, node: Node) -> Any:
-        def translate(context: Any) -> None:
+    def _on_replica_error(self, node: Node) -> Any:
+        def on_error(context: Any) -> None:
             orig = context.original_exception
             code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
             if code == _READ_ONLY_SQLSTATE:
                 raise ReplicaWriteError(self.write_message(node)) from context.sqlalchemy_exception
+            # Failover needs to know which replica failed; the error is what it gets.
+            tag_failed_replica(context.sqlalchemy_exception, node)
+            tag_failed_replica(orig, node)
 
-        return translate
+        return on_error
 
     def write_message(self, node: Node) -> str:
         """The sentence that tells the user why a write was refused and what to do."""

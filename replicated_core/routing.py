@@ -30,6 +30,10 @@ class Role(enum.Enum):
     PRIMARY = "primary"
     REPLICA = "replica"
 
+    # Members are singletons: hash them by identity, in C, not by name in Python
+    # (they key the router's per-request counter lookup).
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Node:
@@ -53,6 +57,8 @@ class Reason(enum.Enum):
     READ = "read-only request"
     NO_REPLICA = "no usable replica"
     FAILOVER = "the first replica failed; the read was retried"
+
+    __hash__ = object.__hash__  # as Role's
 
 
 @dataclass(frozen=True, slots=True)
