@@ -6,9 +6,9 @@ while the app is built (nothing is edited on disk), and times all of them agains
 plain Flask-SQLAlchemy (or a plain ``async_sessionmaker``), interleaved:
 
 - "no sticky cookie": the response never sets the sticky cookie (no signing);
-- "no write guards": no engine-level ``before_cursor_execute`` listeners (the
-  replica write guard, the primary's write detector, so no sticky cookie either);
-- "no failover": no ``do_orm_execute`` retry listener on the session;
+- "no write guards": no dialect-level execute listeners (the replica write guard,
+  the primary's write detector, so no sticky cookie either);
+- "no failover": the session's ``execute``/``scalar``/``scalars`` not wrapped for retry;
 - "hooks only": neither, and no decision counters: what is left is the request
   hooks and the decision itself.
 
@@ -51,9 +51,7 @@ def without(parts: tuple[str, ...]) -> Iterator[None]:
             stack.enter_context(mock.patch.object(Router, "_install_guards", return_value=None))
         if "failover" in parts:
             for module in (flask_replicated.extension, quart_replicated.extension):
-                stack.enter_context(
-                    mock.patch.object(module, "install_failover", return_value=None)
-                )
+                stack.enter_context(mock.patch.object(module, "with_failover", _unchanged))
         yield
 
 
@@ -62,9 +60,11 @@ def switch_off(router: Router, parts: tuple[str, ...]) -> None:
     if "cookie" in parts:
         router.cookie_update = lambda *args, **kwargs: None  # type: ignore[method-assign]
     if "counters" in parts:
-        if not hasattr(router, "_count"):
-            raise RuntimeError("Router._count is gone: update the 'hooks only' variant.")
-        router._count = lambda *args: None  # type: ignore[method-assign]
+        router.counters.add = lambda *names: None  # type: ignore[method-assign]
+
+
+def _unchanged(session_class: type[Any], router_of: Any) -> type[Any]:
+    return session_class
 
 
 def main() -> None:

@@ -15,16 +15,18 @@ from sqlalchemy import text
 
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, load_config, options_to_settings
-from replicated_core.failover import install_failover, lost_connection
+from replicated_core.failover import lost_connection, with_failover
 from replicated_core.health import describe_error
 from replicated_core.router import Router
 from replicated_core.status import ClusterStatus, build_status, status_queries
-from replicated_core.sticky import StickyCodec
+from replicated_core.sticky import StickyCodec, find_cookie
 from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
 
 from .engines import RoutedEngines
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sqlalchemy.engine import Engine
 
     from replicated_core.routing import Node
@@ -79,15 +81,18 @@ class FlaskReplicated:
         self._routers[app] = router
         app.extensions["replicated"] = self
         if db not in self._hooked:
-            # One listener per db: db.session is shared by every app of this db.
-            install_failover(db.session, self._router_of_session)
+            # Once per db: db.session is shared by every app of this db. The factory's
+            # class is already its own subclass of the session class (sessionmaker
+            # makes one), and the new one derives from it.
+            factory = db.session.session_factory
+            factory.class_ = with_failover(factory.class_, self._router_of_session)
             self._hooked.add(db)
         app.cli.add_command(self._cli())
-        # Registered after Flask-SQLAlchemy's own teardown, so it runs first.
-        app.teardown_appcontext(self._close_session)
-        request_started.connect(self._request_started, app, weak=False)
-        app.after_request(self._after_request)
-        request_tearing_down.connect(self._request_tearing_down, app, weak=False)
+        hooks = _Hooks(router, db)
+        _replace_teardown(app, db, hooks.close_session)
+        request_started.connect(hooks.request_started, app, weak=False)
+        app.after_request(hooks.after_request)
+        request_tearing_down.connect(hooks.request_tearing_down, app, weak=False)
 
     def router(self, app: Flask | None = None) -> Router:
         """The router of ``app`` (default: the current app)."""
@@ -131,43 +136,71 @@ class FlaskReplicated:
             return None
         return self._routers.get(current_app._get_current_object())  # type: ignore[attr-defined]
 
-    # -- hooks, in request order -------------------------------------------------
 
-    def _request_started(self, app: Flask, **extra: Any) -> None:
-        router = self._routers[app]
-        endpoint = request.endpoint
+class _Hooks:
+    """One app's request hooks, in request order. They run on every request: each
+    reads the request once and leaves as soon as there is nothing to do."""
+
+    def __init__(self, router: Router, db: SQLAlchemy) -> None:
+        self.router = router
+        self.db = db
+        self.cookie = router.config.cookie_name
+        self.header = router.config.debug_header
+
+    def request_started(self, app: Flask, **extra: Any) -> None:
+        router = self.router
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        endpoint = req.endpoint
         view = app.view_functions.get(endpoint) if endpoint is not None else None
-        facts = router.facts(request.method, endpoint, view)
+        facts = router.facts(req.method, endpoint, view)
         if router.needs_positions(facts):
             router.health.refresh(probe_replica)
-        router.begin(facts, request.cookies.get(router.config.cookie_name))
+        router.begin(facts, find_cookie(req.environ.get("HTTP_COOKIE"), self.cookie))
 
-    def _after_request(self, response: Response) -> Response:
-        router = self._routers[current_app._get_current_object()]  # type: ignore[attr-defined]
-        header = router.config.debug_header
-        node = router.served_by()
-        if header is not None and node is not None:
-            response.headers[header] = node.name
-        lsn = write_position(router) if router.needs_write_position() else None
-        path = current_app.config["APPLICATION_ROOT"] or "/"
-        update = router.cookie_update(lsn, secure=request.is_secure, path=path)
-        if update is not None:
-            update.apply(response)
+    def after_request(self, response: Response) -> Response:
+        router = self.router
+        scope = router.scope()
+        if scope is None:
+            return response
+        if self.header is not None:
+            response.headers[self.header] = scope.decision.node.name
+        if scope.wrote or scope.decision.drop_cookie:
+            lsn = write_position(router) if router.needs_write_position() else None
+            path = current_app.config["APPLICATION_ROOT"] or "/"
+            update = router.cookie_update(lsn, secure=request.is_secure, path=path)
+            if update is not None:
+                update.apply(response)
         return response
 
-    def _request_tearing_down(self, app: Flask, **extra: Any) -> None:
-        self._routers[app].end()
+    def request_tearing_down(self, app: Flask, **extra: Any) -> None:
+        self.router.end()
 
-    def _close_session(self, exc: BaseException | None) -> None:
-        session = current_app.extensions["sqlalchemy"].session
-        if not session.registry.has():
-            return
+    def close_session(self, exc: BaseException | None) -> None:
+        # Flask-SQLAlchemy's own teardown, but a connection that died after the
+        # request's work does not fail a request that already has its answer.
+        session = self.db.session
         try:
-            session.close()
+            session.remove()
         except Exception as error:
             if not lost_connection(error):
                 raise
+            session.registry.clear()
             logger.debug("A connection died after its request's work: %s", error.__class__)
+
+
+def _replace_teardown(app: Flask, db: SQLAlchemy, close: Callable[[Any], None]) -> None:
+    """Put ``close`` in place of Flask-SQLAlchemy's session teardown for ``app``.
+
+    Both remove the session; replacing rather than adding saves a teardown call on
+    every request. If Flask-SQLAlchemy's is not found, ``close`` is added to run
+    before it (teardowns run in reverse order) and leaves it nothing to do.
+    """
+    funcs = app.teardown_appcontext_funcs
+    for index, func in enumerate(funcs):
+        if func == getattr(db, "_teardown_session", None):
+            funcs[index] = close
+            return
+    app.teardown_appcontext(close)
 
 
 def probe_replica(node: Node) -> ReplicaProbe:

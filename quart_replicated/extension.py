@@ -22,17 +22,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, load_config, options_to_settings
-from replicated_core.failover import install_failover, lost_connection
+from replicated_core.failover import lost_connection, with_failover
 from replicated_core.health import describe_error
 from replicated_core.router import Router
 from replicated_core.session import RoutingSession
 from replicated_core.status import ClusterStatus, build_status, status_queries
-from replicated_core.sticky import StickyCodec
+from replicated_core.sticky import StickyCodec, find_cookie
 from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
 
 from .engines import create_engines
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from replicated_core.routing import Node
 
 __all__ = ["QuartReplicated"]
@@ -67,6 +69,16 @@ class _AppState:
                 describe_error(error, self.router.health.secrets),
             )
             return None
+
+
+def _router_of_session(session: Session) -> Router | None:
+    router = getattr(session, "router", None)
+    return router if isinstance(router, Router) else None
+
+
+def _sticky_cookie(headers: list[str], router: Router) -> str | None:
+    # HTTP/2 clients may split cookies over several headers, as Werkzeug knows.
+    return find_cookie(";".join(headers), router.config.cookie_name) if headers else None
 
 
 class QuartReplicated:
@@ -120,9 +132,7 @@ class QuartReplicated:
         by_sync = {id(e.sync_engine): e for e in engines.values()}
         by_node = {n.name: by_sync[id(n.engine)] for n in (primary, *replicas)}
         other = {k: e for k, e in binds.items() if k not in by_node}
-        # A class per app, so the failover listener is this app's alone.
-        session_class = type("RoutingSession", (RoutingSession,), {})
-        install_failover(session_class, lambda session: getattr(session, "router", None))
+        session_class = with_failover(RoutingSession, _router_of_session)
         sessions = async_sessionmaker(
             sync_session_class=session_class,
             router=router,
@@ -222,13 +232,15 @@ class QuartReplicated:
     # -- hooks, in request order; all async: a sync hook's contextvars are lost ----
 
     async def _request_started(self, app: Quart, **extra: Any) -> None:
-        router = self._apps[app].router
-        endpoint = request.endpoint
+        state = self._apps[app]
+        router = state.router
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        endpoint = req.endpoint
         view = app.view_functions.get(endpoint) if endpoint is not None else None
-        facts = router.facts(request.method, endpoint, view)
+        facts = router.facts(req.method, endpoint, view)
         if router.needs_positions(facts):
-            await router.health.refresh_async(self._apps[app].probe_replica)
-        router.begin(facts, request.cookies.get(router.config.cookie_name))
+            await router.health.refresh_async(state.probe_replica)
+        router.begin(facts, _sticky_cookie(req.headers.getlist("Cookie"), router))
 
     async def _websocket_started(self, app: Quart, **extra: Any) -> None:
         router = self._apps[app].router
@@ -237,20 +249,23 @@ class QuartReplicated:
         facts = router.facts("WEBSOCKET", endpoint, view, websocket=True)
         if router.needs_positions(facts):
             await router.health.refresh_async(self._apps[app].probe_replica)
-        router.begin(facts, websocket.cookies.get(router.config.cookie_name))
+        router.begin(facts, _sticky_cookie(websocket.headers.getlist("Cookie"), router))
 
     async def _after_request(self, response: Response) -> Response:
         state = self._state()
         router = state.router
+        scope = router.scope()
+        if scope is None:
+            return response
         header = router.config.debug_header
-        node = router.served_by()
-        if header is not None and node is not None:
-            response.headers[header] = node.name
-        lsn = await state.write_position() if router.needs_write_position() else None
-        path = current_app.config["APPLICATION_ROOT"] or "/"
-        update = router.cookie_update(lsn, secure=request.is_secure, path=path)
-        if update is not None:
-            update.apply(response)
+        if header is not None:
+            response.headers[header] = scope.decision.node.name
+        if scope.wrote or scope.decision.drop_cookie:
+            lsn = await state.write_position() if router.needs_write_position() else None
+            path = current_app.config["APPLICATION_ROOT"] or "/"
+            update = router.cookie_update(lsn, secure=request.is_secure, path=path)
+            if update is not None:
+                update.apply(response)
         return response
 
     async def _tearing_down(self, app: Quart, **extra: Any) -> None:
