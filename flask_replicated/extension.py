@@ -88,7 +88,7 @@ class FlaskReplicated:
             factory.class_ = with_failover(factory.class_, self._router_of_session)
             self._hooked.add(db)
         app.cli.add_command(self._cli())
-        hooks = _Hooks(router, db)
+        hooks = _Hooks(app, router, db)
         _replace_teardown(app, db, hooks.close_session)
         request_started.connect(hooks.request_started, app, weak=False)
         app.after_request(hooks.after_request)
@@ -141,7 +141,8 @@ class _Hooks:
     """One app's request hooks, in request order. They run on every request: each
     reads the request once and leaves as soon as there is nothing to do."""
 
-    def __init__(self, router: Router, db: SQLAlchemy) -> None:
+    def __init__(self, app: Flask, router: Router, db: SQLAlchemy) -> None:
+        self.app = app
         self.router = router
         self.db = db
         self.cookie = router.config.cookie_name
@@ -165,9 +166,9 @@ class _Hooks:
         if self.header is not None:
             response.headers[self.header] = scope.decision.node.name
         if scope.wrote or scope.decision.drop_cookie:
-            lsn = write_position(router) if router.needs_write_position() else None
-            path = current_app.config["APPLICATION_ROOT"] or "/"
-            update = router.cookie_update(lsn, secure=request.is_secure, path=path)
+            lsn = write_position(router) if router.needs_write_position(scope) else None
+            path = self.app.config["APPLICATION_ROOT"] or "/"
+            update = router.cookie_update(lsn, secure=request.is_secure, path=path, scope=scope)
             if update is not None:
                 update.apply(response)
         return response

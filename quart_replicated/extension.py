@@ -261,9 +261,9 @@ class QuartReplicated:
         if header is not None:
             response.headers[header] = scope.decision.node.name
         if scope.wrote or scope.decision.drop_cookie:
-            lsn = await state.write_position() if router.needs_write_position() else None
+            lsn = await state.write_position() if router.needs_write_position(scope) else None
             path = current_app.config["APPLICATION_ROOT"] or "/"
-            update = router.cookie_update(lsn, secure=request.is_secure, path=path)
+            update = router.cookie_update(lsn, secure=request.is_secure, path=path, scope=scope)
             if update is not None:
                 update.apply(response)
         return response

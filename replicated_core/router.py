@@ -60,6 +60,7 @@ T = TypeVar("T")
 
 logger = logging.getLogger("replicated")
 
+_WRITES = ("writes",)
 # Views times methods: far more than any app has.
 _MAX_FACTS = 4096
 
@@ -253,7 +254,7 @@ class Router:
         scope = self.scope()
         if scope is not None:
             if scope.wrote:
-                self.counters.add("writes")
+                self.counters.add_event(_WRITES)
             scope.closed = True
             exit_scope(scope)
 
@@ -263,9 +264,12 @@ class Router:
             return None
         return self.codec.loads(cookie, max_age=self.sticky_ttl)
 
-    def needs_write_position(self) -> bool:
-        """Whether the response must carry the primary's WAL position (ask it first)."""
-        scope = self.scope()
+    def needs_write_position(self, scope: RequestScope | None = None) -> bool:
+        """Whether the response must carry the primary's WAL position (ask it first).
+
+        ``scope`` is the current request's, when the caller has it at hand.
+        """
+        scope = scope or self.scope()
         return (
             scope is not None
             and scope.wrote
@@ -274,15 +278,21 @@ class Router:
         )
 
     def cookie_update(
-        self, lsn: int | None = None, *, secure: bool = False, path: str = "/"
+        self,
+        lsn: int | None = None,
+        *,
+        secure: bool = False,
+        path: str = "/",
+        scope: RequestScope | None = None,
     ) -> CookieUpdate | None:
         """How the current response must change the sticky cookie, if at all.
 
         After a write: set it (with ``lsn``, the primary's position after the write,
         in WAL mode). After a read that found every replica caught up: delete it.
-        ``secure`` tells whether the request came over HTTPS; ``path`` is the app's root.
+        ``secure`` tells whether the request came over HTTPS; ``path`` is the app's root;
+        ``scope`` is the current request's, when the caller has it at hand.
         """
-        scope = self.scope()
+        scope = scope or self.scope()
         if scope is None or self.codec is None or self.sticky_mode is StickyMode.OFF:
             return None
         name = self.config.cookie_name
