@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary, WeakSet
 
 import click
-from flask import Flask, Response, current_app, has_app_context, request
+from flask import Flask, Request, current_app, has_app_context
 from flask.cli import AppGroup
-from flask.signals import request_started, request_tearing_down
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import text
 
@@ -25,11 +24,12 @@ from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, Replica
 from .engines import RoutedEngines
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from sqlalchemy.engine import Engine
 
-    from replicated_core.routing import Node
+    from replicated_core.routing import Node, RequestScope
 
 __all__ = ["FlaskReplicated"]
 
@@ -90,9 +90,10 @@ class FlaskReplicated:
         app.cli.add_command(self._cli())
         hooks = _Hooks(app, router, db)
         _replace_teardown(app, db, hooks.close_session)
-        request_started.connect(hooks.request_started, app, weak=False)
-        app.after_request(hooks.after_request)
-        request_tearing_down.connect(hooks.request_tearing_down, app, weak=False)
+        # A WSGI middleware, the way ProxyFix is installed: it opens the request's
+        # scope before Flask's own hooks and closes it after them. Flask's hooks and
+        # signals cost a dozen calls each on every request; this costs a few.
+        app.wsgi_app = hooks.middleware(app.wsgi_app)  # type: ignore[method-assign,assignment]
 
     def router(self, app: Flask | None = None) -> Router:
         """The router of ``app`` (default: the current app)."""
@@ -138,8 +139,9 @@ class FlaskReplicated:
 
 
 class _Hooks:
-    """One app's request hooks, in request order. They run on every request: each
-    reads the request once and leaves as soon as there is nothing to do."""
+    """One app's per-request work: open the routing scope around the WSGI app, decide
+    at the first statement, set the cookie and debug header as the response starts,
+    and close Flask-SQLAlchemy's session."""
 
     def __init__(self, app: Flask, router: Router, db: SQLAlchemy) -> None:
         self.app = app
@@ -148,33 +150,69 @@ class _Hooks:
         self.cookie = router.config.cookie_name
         self.header = router.config.debug_header
 
-    def request_started(self, app: Flask, **extra: Any) -> None:
+    def middleware(self, wsgi_app: WSGIApplication) -> WSGIApplication:
         router = self.router
-        req = request._get_current_object()  # type: ignore[attr-defined]
-        endpoint = req.endpoint
-        view = app.view_functions.get(endpoint) if endpoint is not None else None
-        facts = router.facts(req.method, endpoint, view)
-        if router.needs_positions(facts):
-            router.health.refresh(probe_replica)
-        router.begin(facts, find_cookie(req.environ.get("HTTP_COOKIE"), self.cookie))
+        settle = self.settle
+        respond = self.respond
+        header = self.header
 
-    def after_request(self, response: Response) -> Response:
+        def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+            def resolve(scope: RequestScope) -> None:
+                settle(scope, environ)
+
+            scope = router.open(resolve)
+
+            def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+                # Flask calls this inside its request context, after its after_request
+                # hooks: the last moment a write can still set the cookie.
+                decision = scope.settled_decision
+                if scope.wrote or header or (decision is not None and decision.drop_cookie):
+                    respond(scope, environ, headers)
+                return start_response(status, headers, exc_info)
+
+            try:
+                return wsgi_app(environ, start)
+            finally:
+                router.end_scope(scope)
+
+        return serve
+
+    def settle(self, scope: RequestScope, environ: WSGIEnvironment) -> None:
+        """Decide where the request reads, at its first use of the database.
+
+        Werkzeug keeps the request object in the environ, where Flask's URL matching
+        has put the rule (and so the view) by the time any hook or view runs.
+        """
         router = self.router
-        scope = router.scope()
-        if scope is None:
-            return response
+        req = environ.get("werkzeug.request")
+        if not isinstance(req, Request):  # before Flask made its request
+            router.settle_outside(scope)
+            return
+        rule = req.url_rule
+        endpoint = rule.endpoint if rule is not None else None
+        view = self.app.view_functions.get(endpoint) if endpoint is not None else None
+        facts = router.facts(req.method, endpoint, view)
+        raw = environ.get("HTTP_COOKIE")
+        router.settle(scope, facts, find_cookie(raw, self.cookie) if raw else None)
+
+    def respond(
+        self, scope: RequestScope, environ: WSGIEnvironment, headers: list[tuple[str, str]]
+    ) -> None:
+        """Add the debug header and the sticky cookie change to a starting response."""
+        if scope.closed:
+            return
         if self.header is not None:
-            response.headers[self.header] = scope.decision.node.name
-        if scope.wrote or scope.decision.drop_cookie:
+            headers.append((self.header, scope.decision.node.name))
+        decision = scope.settled_decision
+        if scope.wrote or (decision is not None and decision.drop_cookie):
+            router = self.router
             lsn = write_position(router) if router.needs_write_position(scope) else None
             path = self.app.config["APPLICATION_ROOT"] or "/"
-            update = router.cookie_update(lsn, secure=request.is_secure, path=path, scope=scope)
+            # What request.is_secure reads, after any proxy fix-up of the environ.
+            secure = environ.get("wsgi.url_scheme") in ("https", "wss")
+            update = router.cookie_update(lsn, secure=secure, path=path, scope=scope)
             if update is not None:
-                update.apply(response)
-        return response
-
-    def request_tearing_down(self, app: Flask, **extra: Any) -> None:
-        self.router.end()
+                headers.append(("Set-Cookie", update.header()))
 
     def close_session(self, exc: BaseException | None) -> None:
         # Flask-SQLAlchemy's own teardown, but a connection that died after the

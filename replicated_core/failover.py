@@ -124,7 +124,9 @@ def _retrying(method: Callable[..., Any], router_of: Callable[[Session], Router 
         else:
             scope = scope_var.get()
             first_read = (
-                scope is not None and not scope.closed and scope.decision.node.role is Role.REPLICA
+                scope is not None
+                and not scope.closed
+                and (scope.settled_decision or scope.decision).node.role is Role.REPLICA
             )
         if not first_read or session.in_transaction():
             return method(session, *args, **kwargs)

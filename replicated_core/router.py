@@ -26,7 +26,6 @@ from .intent import (
     current_override,
     current_scope,
     enter_scope,
-    exit_scope,
     forces_primary,
     override_var,
     scope_var,
@@ -60,7 +59,9 @@ T = TypeVar("T")
 
 logger = logging.getLogger("replicated")
 
-_WRITES = ("writes",)
+_TOTAL = ("requests_total",)
+# The facts of a scope whose request ended before it was decided.
+_NO_REQUEST = RequestFacts("", None, readonly=False, forced_primary=True)
 # Views times methods: far more than any app has.
 _MAX_FACTS = 4096
 
@@ -148,8 +149,8 @@ class Router:
         )
         self._replica_by_engine = {id(n.engine): n for n in self.replicas}
         self.counters = Counters()
-        # A sync probe of one replica, set by sync adapters so that use_replica()
-        # outside a request can refresh positions itself.
+        # A sync probe of one replica, set by sync adapters: settle() and use_replica()
+        # outside a request then refresh positions themselves when due.
         self.probe: Callable[[Node], ReplicaProbe] | None = None
         if codec is None and self.sticky_mode is not StickyMode.OFF:
             logger.warning(
@@ -161,6 +162,7 @@ class Router:
         self._random = random.Random()
         self._facts: dict[tuple[str, str | None, object, bool], RequestFacts] = {}
         self._names: dict[tuple[Reason, Role, bool], tuple[str, ...]] = {}
+        self._with_writes: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._reads: tuple[Sequence[ReplicaView] | None, tuple[Decision, ...]] = (None, ())
         self._install_guards()
 
@@ -185,12 +187,58 @@ class Router:
                 self._facts[key] = facts
         return facts
 
-    def begin(self, facts: RequestFacts, cookie: str | None) -> Decision:
+    def begin(self, facts: RequestFacts, cookie: str | None) -> RequestScope:
         """Decide where the request reads and make that the current scope."""
-        sticky = self.read_cookie(cookie) if facts.readonly and not facts.forced_primary else None
-        decision = self._decide(facts, sticky)
-        enter_scope(RequestScope(self, facts, decision, sticky))
-        self.counters.add_event(self._counter_names(decision, sticky is not None))
+        scope = RequestScope(self)
+        self.settle(scope, facts, cookie)
+        enter_scope(scope)
+        return scope
+
+    def open(self, resolver: Callable[[RequestScope], None]) -> RequestScope:
+        """Open the current request's scope, to be decided on first use.
+
+        ``resolver`` runs when a statement (or anything else) first needs the
+        decision; it calls ``settle`` with the request's facts, or ``settle_outside``
+        when the request is gone.
+        """
+        scope = RequestScope(self, resolver=resolver)
+        scope.counted = _TOTAL
+        scope.token = scope_var.set(scope)
+        return scope
+
+    def settle(self, scope: RequestScope, facts: RequestFacts, cookie: str | None) -> None:
+        """Make the decision of ``scope`` (opened by ``open``) from the request's facts
+        and its sticky cookie. The request is counted when it ends.
+
+        With a sync ``probe`` set (Flask), replica positions are refreshed first when
+        due; async adapters refresh them before calling ``begin``.
+        """
+        reads = facts.readonly and not facts.forced_primary
+        if reads and self.probe is not None and self.health.probing:
+            self.health.refresh(self.probe)
+        sticky = self.read_cookie(cookie) if reads and cookie is not None else None
+        views = self.health.views()
+        decision: Decision | None = None
+        if reads and sticky is None:
+            # Most requests: a plain read. ``decide`` would pick one of the usable
+            # replicas for Reason.READ; the choices are kept for as long as the
+            # health registry hands out the same views.
+            known = self._reads
+            if known[0] is not views:
+                choices = tuple(Decision(v.node, Reason.READ) for v in views if v.usable)
+                known = self._reads = (views, choices)
+            choices = known[1]
+            if len(choices) == 1:
+                decision = choices[0]
+            elif choices:
+                decision = self._choose(choices)
+        if decision is None:
+            decision = decide(facts, sticky, self.primary, views, self._choose)
+        scope.settle(facts, sticky, decision)
+        hit = sticky is not None
+        scope.counted = self._names.get((decision.reason, decision.node.role, hit)) or (
+            self._counter_names(decision, hit)
+        )
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "%s %s: %s '%s' because %s%s",
@@ -201,21 +249,11 @@ class Router:
                 decision.reason.value,
                 f" (sticky at {format_lsn(sticky.lsn)})" if sticky and sticky.lsn else "",
             )
-        return decision
 
-    def _decide(self, facts: RequestFacts, sticky: StickyToken | None) -> Decision:
-        views = self.health.views()
-        if sticky is None and facts.readonly and not facts.forced_primary:
-            # Most requests: a plain read. ``decide`` would pick one of the usable
-            # replicas for Reason.READ; the choices are kept for as long as the
-            # health registry hands out the same views.
-            reads = self._reads
-            if reads[0] is not views:
-                choices = tuple(Decision(v.node, Reason.READ) for v in views if v.usable)
-                reads = self._reads = (views, choices)
-            if reads[1]:
-                return self._choose(reads[1])
-        return decide(facts, sticky, self.primary, views, self._choose)
+    def settle_outside(self, scope: RequestScope) -> None:
+        """Close a scope opened by ``open`` whose request ended before any decision."""
+        scope.settle(_NO_REQUEST, None, Decision(self.primary, Reason.OUTSIDE_REQUEST))
+        scope.closed = True
 
     def _counter_names(self, decision: Decision, sticky: bool) -> tuple[str, ...]:
         key = (decision.reason, decision.node.role, sticky)
@@ -253,10 +291,21 @@ class Router:
         """Close the request scope opened by ``begin``; a no-op when there is none."""
         scope = self.scope()
         if scope is not None:
+            self.end_scope(scope)
+
+    def end_scope(self, scope: RequestScope) -> None:
+        """Close ``scope``, opened by ``begin`` or ``open`` in this context, and count
+        the request (one increment for all its counters)."""
+        if scope.token is not None:
+            names = scope.counted
             if scope.wrote:
-                self.counters.add_event(_WRITES)
-            scope.closed = True
-            exit_scope(scope)
+                names = self._with_writes.get(names) or self._with_writes.setdefault(
+                    names, (*names, "writes")
+                )
+            self.counters.add_event(names)
+            scope_var.reset(scope.token)
+            scope.token = None
+        scope.closed = True
 
     def read_cookie(self, cookie: str | None) -> StickyToken | None:
         """The valid sticky token in ``cookie``, or None; never raises."""
@@ -299,7 +348,7 @@ class Router:
         if scope.wrote:
             value = self.codec.dumps(StickyToken(lsn))
             return CookieUpdate(name, value, math.ceil(self.sticky_ttl), path, secure)
-        if scope.decision.drop_cookie:
+        if scope.settled_decision is not None and scope.settled_decision.drop_cookie:
             return CookieUpdate(name, None, 0, path, secure)
         return None
 
@@ -336,7 +385,7 @@ class Router:
             return override.node
         if scope is None:
             return self.primary
-        return scope.decision.node
+        return (scope.settled_decision or scope.decision).node
 
     def engine(self) -> Engine:
         """The sync Engine for the next statement."""

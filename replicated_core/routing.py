@@ -57,6 +57,7 @@ class Reason(enum.Enum):
     READ = "read-only request"
     NO_REPLICA = "no usable replica"
     FAILOVER = "the first replica failed; the read was retried"
+    OUTSIDE_REQUEST = "the request's context had ended"
 
     __hash__ = object.__hash__  # as Role's
 
@@ -131,21 +132,78 @@ class RequestScope:
     the same request are not steered by it; ``token`` resets the contextvar.
     ``closed`` is set when the request ends: a task the request spawned holds a copy
     of the context, and must then route like code outside a request.
+
+    A scope opened without a decision gets one from ``resolver`` the first time its
+    decision (or facts) is asked for, usually at the request's first statement: a
+    request that never uses the database never pays for it. The resolver sets
+    ``facts``, ``sticky`` and ``decision`` (see ``Router.settle``).
     """
 
-    __slots__ = ("closed", "decision", "facts", "owner", "sticky", "token", "wrote")
+    __slots__ = (
+        "_facts",
+        "closed",
+        "counted",
+        "owner",
+        "resolver",
+        "settled_decision",
+        "sticky",
+        "token",
+        "wrote",
+    )
 
     def __init__(
         self,
         owner: object,
-        facts: RequestFacts,
-        decision: Decision,
+        facts: RequestFacts | None = None,
+        decision: Decision | None = None,
         sticky: StickyToken | None = None,
+        resolver: Callable[[RequestScope], None] | None = None,
     ) -> None:
         self.owner = owner
-        self.facts = facts
-        self.decision = decision
+        self._facts = facts
+        # The decision once made, None before: the per-statement paths read this slot
+        # and call the ``decision`` property only when it is None.
+        self.settled_decision = decision
         self.sticky = sticky
+        self.resolver = resolver
         self.wrote = False
         self.closed = False
+        # The counter names this request adds to when it ends (set by the router).
+        self.counted: tuple[str, ...] = ()
         self.token: Token[RequestScope | None] | None = None
+
+    @property
+    def decision(self) -> Decision:
+        """Where the request reads, and why; made now if it was not yet."""
+        decision = self.settled_decision
+        if decision is None:
+            resolver, self.resolver = self.resolver, None
+            if resolver is not None:
+                resolver(self)
+            decision = self.settled_decision
+            if decision is None:
+                raise RuntimeError("A request scope has no decision and no way to make one.")
+        return decision
+
+    @decision.setter
+    def decision(self, decision: Decision) -> None:
+        self.settled_decision = decision
+
+    @property
+    def facts(self) -> RequestFacts:
+        """What is known of the request; found now if it was not yet."""
+        if self._facts is None:
+            self.decision  # noqa: B018 - resolving sets the facts too
+        if self._facts is None:
+            raise RuntimeError("The request scope's resolver set no facts.")
+        return self._facts
+
+    @facts.setter
+    def facts(self, facts: RequestFacts) -> None:
+        self._facts = facts
+
+    def settle(self, facts: RequestFacts, sticky: StickyToken | None, decision: Decision) -> None:
+        """Record the request's facts, sticky token and decision."""
+        self._facts = facts
+        self.sticky = sticky
+        self.settled_decision = decision
