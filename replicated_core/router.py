@@ -60,6 +60,7 @@ T = TypeVar("T")
 logger = logging.getLogger("replicated")
 
 _TOTAL = ("requests_total",)
+_TIME_TOKEN = StickyToken()
 # The facts of a scope whose request ended before it was decided.
 _NO_REQUEST = RequestFacts("", None, readonly=False, forced_primary=True)
 # Views times methods: far more than any app has.
@@ -164,6 +165,8 @@ class Router:
         self._names: dict[tuple[Reason, Role, bool], tuple[str, ...]] = {}
         self._with_writes: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._reads: tuple[Sequence[ReplicaView] | None, tuple[Decision, ...]] = (None, ())
+        self._write_decision = Decision(primary, Reason.WRITE_METHOD)
+        self._last_update: CookieUpdate | None = None
         self._install_guards()
 
     # -- per request -------------------------------------------------------------
@@ -232,6 +235,8 @@ class Router:
                 decision = choices[0]
             elif choices:
                 decision = self._choose(choices)
+        elif not (facts.readonly or facts.forced_primary or facts.websocket):
+            decision = self._write_decision  # what decide() answers for a POST
         if decision is None:
             decision = decide(facts, sticky, self.primary, views, self._choose)
         scope.settle(facts, sticky, decision)
@@ -346,8 +351,14 @@ class Router:
             return None
         name = self.config.cookie_name
         if scope.wrote:
-            value = self.codec.dumps(StickyToken(lsn))
-            return CookieUpdate(name, value, math.ceil(self.sticky_ttl), path, secure)
+            value = self.codec.dumps(_TIME_TOKEN if lsn is None else StickyToken(lsn))
+            last = self._last_update
+            # In time mode every write of the same second gets the same value.
+            if last is not None and (last.value, last.path, last.secure) == (value, path, secure):
+                return last
+            update = CookieUpdate(name, value, math.ceil(self.sticky_ttl), path, secure)
+            self._last_update = update
+            return update
         if scope.settled_decision is not None and scope.settled_decision.drop_cookie:
             return CookieUpdate(name, None, 0, path, secure)
         return None

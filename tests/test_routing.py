@@ -1,17 +1,22 @@
 """The routing decision as a pure function: no server, no framework."""
 
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from replicated_core.config import load_config
+from replicated_core.router import Router
 from replicated_core.routing import (
     Decision,
     Node,
     Reason,
     ReplicaView,
     RequestFacts,
+    RequestScope,
     Role,
     decide,
 )
-from replicated_core.sticky import StickyToken
+from replicated_core.sticky import StickyCodec, StickyToken
 
 ENGINE = sa.create_engine("sqlite://")
 PRIMARY = Node("master", Role.PRIMARY, ENGINE)
@@ -93,3 +98,41 @@ def test_wal_sticky_cookie_drops_only_when_every_replica_caught_up():
     assert decide(READ, token, PRIMARY, down_but_behind, first).drop_cookie is False
     unknown = views(150, None)
     assert decide(READ, token, PRIMARY, unknown, first).drop_cookie is False
+
+
+# -- the router's shortcuts agree with decide() --------------------------------------
+
+SECRET = "routing-test-secret"
+
+
+def _router():
+    config = load_config({"REPLICATED_STICKY_MODE": "wal"})
+    return Router(config, PRIMARY, [R1, R2], StickyCodec(SECRET))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    readonly=st.booleans(),
+    forced=st.booleans(),
+    websocket=st.booleans(),
+    token=st.none() | st.just(StickyToken()) | st.integers(0, 300).map(StickyToken),
+    usable=st.tuples(st.booleans(), st.booleans()),
+    positions=st.tuples(st.none() | st.integers(0, 300), st.none() | st.integers(0, 300)),
+)
+def test_settle_decides_as_decide_does(readonly, forced, websocket, token, usable, positions):
+    """Router.settle keeps ready-made decisions for plain reads and writes; whatever the
+    request and the replicas' state, it must answer what the pure function answers."""
+    router = _router()
+    replica_views = tuple(views(*positions, usable=usable))
+    router.health.views = lambda: replica_views
+    router._choose = first
+    facts = RequestFacts("GET", "v", readonly, forced, websocket)
+    cookie = None if token is None else router.codec.dumps(token)
+    scope = RequestScope(router)
+    router.settle(scope, facts, cookie)
+    sticky = token if readonly and not forced else None
+    assert scope.decision == decide(facts, sticky, PRIMARY, replica_views, first)
+    # Asked twice (the cached choices are reused), the answer is the same.
+    again = RequestScope(router)
+    router.settle(again, facts, cookie)
+    assert again.decision == scope.decision
