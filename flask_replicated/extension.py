@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary, WeakSet
@@ -157,10 +158,7 @@ class _Hooks:
         header = self.header
 
         def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-            def resolve(scope: RequestScope) -> None:
-                settle(scope, environ)
-
-            scope = router.open(resolve)
+            scope = router.open(functools.partial(settle, environ=environ))
 
             def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
                 # Flask calls this inside its request context, after its after_request

@@ -166,6 +166,7 @@ class Router:
         self._with_writes: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._reads: tuple[Sequence[ReplicaView] | None, tuple[Decision, ...]] = (None, ())
         self._write_decision = Decision(primary, Reason.WRITE_METHOD)
+        self._sticky_decision = Decision(primary, Reason.STICKY)
         self._last_update: CookieUpdate | None = None
         self._install_guards()
 
@@ -235,11 +236,15 @@ class Router:
                 decision = choices[0]
             elif choices:
                 decision = self._choose(choices)
+        elif reads and sticky is not None and sticky.lsn is None:
+            decision = self._sticky_decision  # a time-mode cookie: the primary
         elif not (facts.readonly or facts.forced_primary or facts.websocket):
             decision = self._write_decision  # what decide() answers for a POST
         if decision is None:
             decision = decide(facts, sticky, self.primary, views, self._choose)
-        scope.settle(facts, sticky, decision)
+        scope._facts = facts  # RequestScope.settle(), without the call: the hot path
+        scope.sticky = sticky
+        scope.settled_decision = decision
         hit = sticky is not None
         scope.counted = self._names.get((decision.reason, decision.node.role, hit)) or (
             self._counter_names(decision, hit)
