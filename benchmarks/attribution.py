@@ -9,8 +9,9 @@ plain Flask-SQLAlchemy (or a plain ``async_sessionmaker``), interleaved:
 - "no write guards": no dialect-level execute listeners (the replica write guard,
   the primary's write detector, so no sticky cookie either);
 - "no failover": the session's ``execute``/``scalar``/``scalars`` not wrapped for retry;
-- "hooks only": neither, and no decision counters: what is left is the request
-  hooks and the decision itself.
+- "hooks only": neither, and no counters: what is left is opening and closing the
+  request's scope (Flask's middleware, Quart's signals), the decision itself and
+  the per-statement routing.
 
 The parts switched off are private names of this version; if they are renamed,
 the variants fail loudly rather than measure the wrong thing.

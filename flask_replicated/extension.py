@@ -158,7 +158,7 @@ class _Hooks:
         header = self.header
 
         def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-            scope = router.open(functools.partial(settle, environ=environ))
+            scope = router.open(functools.partial(settle, environ))
 
             def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
                 # Flask calls this inside its request context, after its after_request
@@ -175,7 +175,7 @@ class _Hooks:
 
         return serve
 
-    def settle(self, scope: RequestScope, environ: WSGIEnvironment) -> None:
+    def settle(self, environ: WSGIEnvironment, scope: RequestScope) -> None:
         """Decide where the request reads, at its first use of the database.
 
         Werkzeug keeps the request object in the environ, where Flask's URL matching
