@@ -1,0 +1,100 @@
+"""What the Flask adapter's WSGI middleware promises: the scope spans the whole
+request, hooks included; the decision waits for the first use of the database; the
+cookie is set as the response starts, after every after_request hook."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from flask import Response, request, stream_with_context
+
+from replicated_core import use_replica
+
+COOKIE = "replicated_sticky"
+
+
+def test_a_write_in_an_after_request_hook_still_sets_the_cookie(flask_app_factory):
+    app = flask_app_factory(REPLICATED_STICKY_MODE="time")
+
+    @app.post("/quiet")
+    def quiet():
+        return "no write here"
+
+    @app.after_request
+    def audit(response):
+        if request.endpoint == "quiet":
+            app.db.session.add(app.Item(name="audit"))
+            app.db.session.commit()
+        return response
+
+    client = app.test_client()
+    client.post("/quiet")
+    assert client.get_cookie(COOKIE) is not None
+    assert client.get("/who").text == "primary"
+
+
+def test_a_request_that_never_queries_is_counted_but_not_decided(flask_app_factory):
+    app = flask_app_factory()
+    router = app.extensions["replicated"].router(app)
+
+    @app.get("/static-ish")
+    def static_ish():
+        return "no database"
+
+    before = router.metrics()
+    app.test_client().get("/static-ish")
+    after = router.metrics()
+    assert after.get("requests_total", 0) == before.get("requests_total", 0) + 1
+    assert after.get("requests_to_replica", 0) == before.get("requests_to_replica", 0)
+
+
+def test_the_decision_is_made_in_a_before_request_hook_when_it_queries_first(
+    flask_app_factory,
+):
+    app = flask_app_factory(REPLICATED_DEBUG_HEADER="X-Served-By")
+    seen = []
+
+    @app.before_request
+    def load_user():
+        seen.append(app.backend.who(app.db.session))
+
+    response = app.test_client().get("/who")
+    assert seen == ["replica"]
+    assert response.text == "replica"
+    assert response.headers["X-Served-By"] == "slave"
+
+
+def test_a_streamed_body_reads_from_the_primary_unless_told(flask_app_factory):
+    """The scope closes when the view has returned; a body generated later (with
+    stream_with_context) routes like code outside a request, and use_replica()
+    brings it back to a replica."""
+    app = flask_app_factory()
+
+    @app.get("/stream")
+    def stream():
+        def rows():
+            yield app.backend.who(app.db.session) + ","
+            with use_replica():
+                app.db.session.rollback()  # a new transaction, on the block's node
+                yield app.backend.who(app.db.session)
+
+        return Response(stream_with_context(rows()))
+
+    assert app.test_client().get("/stream").text == "primary,replica"
+
+
+def test_an_exception_in_the_view_closes_the_scope(flask_app_factory):
+    app = flask_app_factory()
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+    router = app.extensions["replicated"].router(app)
+
+    @app.get("/boom")
+    def boom():
+        app.db.session.execute(sa.text("SELECT 1"))
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        app.test_client().get("/boom")
+    assert router.scope() is None
+    with app.app_context():
+        assert app.backend.who(app.db.session) == "primary"
