@@ -59,6 +59,8 @@ class FlaskReplicated:
         Raises ``ConfigError`` naming the key for bad config, and RuntimeError when
         Flask-SQLAlchemy was not set up on the app first.
         """
+        if app in self._routers:
+            raise RuntimeError("FlaskReplicated is already set up on this app.")
         db = app.extensions.get("sqlalchemy")
         if not isinstance(db, SQLAlchemy):
             raise RuntimeError(
@@ -179,14 +181,16 @@ class _Hooks:
         """Decide where the request reads, at its first use of the database.
 
         Werkzeug keeps the request object in the environ, where Flask's URL matching
-        has put the rule (and so the view) by the time any hook or view runs.
+        puts the rule (and so the view) before any hook or view runs. A statement
+        before that goes to the primary, and the request is decided later.
         """
-        router = self.router
         req = environ.get("werkzeug.request")
-        if not isinstance(req, Request):  # before Flask made its request
-            router.settle_outside(scope)
-            return
+        if not isinstance(req, Request):
+            return  # before Flask made its request: not yet (the primary meanwhile)
         rule = req.url_rule
+        if rule is None and req.routing_exception is None:
+            return  # a session interface or URL converter, before the match: not yet
+        router = self.router
         endpoint = rule.endpoint if rule is not None else None
         view = self.app.view_functions.get(endpoint) if endpoint is not None else None
         facts = router.facts(req.method, endpoint, view)
@@ -199,8 +203,11 @@ class _Hooks:
         """Add the debug header and the sticky cookie change to a starting response."""
         if scope.closed:
             return
-        if self.header is not None:
-            headers.append((self.header, scope.decision.node.name))
+        header = self.header
+        if header is not None:
+            name = header.lower()
+            headers[:] = [h for h in headers if h[0].lower() != name]
+            headers.append((header, scope.decision.node.name))
         decision = scope.settled_decision
         if scope.wrote or (decision is not None and decision.drop_cookie):
             router = self.router

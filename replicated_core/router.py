@@ -10,6 +10,7 @@ import functools
 import logging
 import math
 import random
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -61,8 +62,7 @@ logger = logging.getLogger("replicated")
 
 _TOTAL = ("requests_total",)
 _TIME_TOKEN = StickyToken()
-# The facts of a scope whose request ended before it was decided.
-_NO_REQUEST = RequestFacts("", None, readonly=False, forced_primary=True)
+
 # Views times methods: far more than any app has.
 _MAX_FACTS = 4096
 
@@ -167,6 +167,8 @@ class Router:
         self._reads: tuple[Sequence[ReplicaView] | None, tuple[Decision, ...]] = (None, ())
         self._write_decision = Decision(primary, Reason.WRITE_METHOD)
         self._sticky_decision = Decision(primary, Reason.STICKY)
+        self._not_routed = Decision(primary, Reason.NOT_ROUTED)
+        self._settling = threading.Lock()
         self._last_update: CookieUpdate | None = None
         self._install_guards()
 
@@ -201,11 +203,12 @@ class Router:
     def open(self, resolver: Callable[[RequestScope], None]) -> RequestScope:
         """Open the current request's scope, to be decided on first use.
 
-        ``resolver`` runs when a statement (or anything else) first needs the
-        decision; it calls ``settle`` with the request's facts, or ``settle_outside``
-        when the request is gone.
+        ``resolver`` runs when a statement (or anything else) needs the decision; it
+        calls ``settle`` with the request's facts, or returns without settling while
+        the request cannot be decided yet: meanwhile statements go to the primary.
         """
         scope = RequestScope(self, resolver=resolver)
+        scope.pending = self._not_routed
         scope.counted = _TOTAL
         scope.token = scope_var.set(scope)
         return scope
@@ -242,13 +245,20 @@ class Router:
             decision = self._write_decision  # what decide() answers for a POST
         if decision is None:
             decision = decide(facts, sticky, self.primary, views, self._choose)
-        scope._facts = facts  # RequestScope.settle(), without the call: the hot path
-        scope.sticky = sticky
-        scope.settled_decision = decision
         hit = sticky is not None
-        scope.counted = self._names.get((decision.reason, decision.node.role, hit)) or (
+        counted = self._names.get((decision.reason, decision.node.role, hit)) or (
             self._counter_names(decision, hit)
         )
+        with self._settling:
+            # Threads or tasks sharing the request's context may ask at once: the
+            # first to get here decides for all (one replica per request).
+            if scope.settled_decision is not None:
+                return
+            scope._facts = facts  # the slot behind the read-only ``facts`` property
+            scope.sticky = sticky
+            scope.settled_decision = decision
+            scope.counted = counted
+            scope.resolver = None
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "%s %s: %s '%s' because %s%s",
@@ -259,11 +269,6 @@ class Router:
                 decision.reason.value,
                 f" (sticky at {format_lsn(sticky.lsn)})" if sticky and sticky.lsn else "",
             )
-
-    def settle_outside(self, scope: RequestScope) -> None:
-        """Close a scope opened by ``open`` whose request ended before any decision."""
-        scope.settle(_NO_REQUEST, None, Decision(self.primary, Reason.OUTSIDE_REQUEST))
-        scope.closed = True
 
     def _counter_names(self, decision: Decision, sticky: bool) -> tuple[str, ...]:
         key = (decision.reason, decision.node.role, sticky)
@@ -316,6 +321,7 @@ class Router:
             scope_var.reset(scope.token)
             scope.token = None
         scope.closed = True
+        scope.resolver = None  # it holds the request; copies of the context live on
 
     def read_cookie(self, cookie: str | None) -> StickyToken | None:
         """The valid sticky token in ``cookie``, or None; never raises."""

@@ -57,7 +57,7 @@ class Reason(enum.Enum):
     READ = "read-only request"
     NO_REPLICA = "no usable replica"
     FAILOVER = "the first replica failed; the read was retried"
-    OUTSIDE_REQUEST = "the request's context had ended"
+    NOT_ROUTED = "the request was not routed to a view yet"
 
     __hash__ = object.__hash__  # as Role's
 
@@ -135,8 +135,10 @@ class RequestScope:
 
     A scope opened without a decision gets one from ``resolver`` the first time its
     decision (or facts) is asked for, usually at the request's first statement: a
-    request that never uses the database never pays for it. The resolver sets
-    ``facts``, ``sticky`` and ``decision`` (see ``Router.settle``).
+    request that never uses the database never pays for it. The resolver settles the
+    scope (``Router.settle``) or, while the request cannot be decided yet (its view
+    is not known), leaves it: ``pending`` answers meanwhile and the resolver is asked
+    again next time.
     """
 
     __slots__ = (
@@ -144,6 +146,7 @@ class RequestScope:
         "closed",
         "counted",
         "owner",
+        "pending",
         "resolver",
         "settled_decision",
         "sticky",
@@ -166,6 +169,7 @@ class RequestScope:
         self.settled_decision = decision
         self.sticky = sticky
         self.resolver = resolver
+        self.pending: Decision | None = None
         self.wrote = False
         self.closed = False
         # The counter names this request adds to when it ends (set by the router).
@@ -177,10 +181,10 @@ class RequestScope:
         """Where the request reads, and why; made now if it was not yet."""
         decision = self.settled_decision
         if decision is None:
-            resolver, self.resolver = self.resolver, None
+            resolver = self.resolver
             if resolver is not None:
-                resolver(self)
-            decision = self.settled_decision
+                resolver(self)  # clears itself once the scope is settled
+            decision = self.settled_decision or self.pending
             if decision is None:
                 raise RuntimeError("A request scope has no decision and no way to make one.")
         return decision
@@ -195,15 +199,9 @@ class RequestScope:
         if self._facts is None:
             self.decision  # noqa: B018 - resolving sets the facts too
         if self._facts is None:
-            raise RuntimeError("The request scope's resolver set no facts.")
+            raise RuntimeError("The request is not routed to a view yet: nothing is known.")
         return self._facts
 
     @facts.setter
     def facts(self, facts: RequestFacts) -> None:
         self._facts = facts
-
-    def settle(self, facts: RequestFacts, sticky: StickyToken | None, decision: Decision) -> None:
-        """Record the request's facts, sticky token and decision."""
-        self._facts = facts
-        self.sticky = sticky
-        self.settled_decision = decision

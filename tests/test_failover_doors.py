@@ -112,3 +112,47 @@ async def test_quart_reads_fail_over_through_every_door(broken, door):
     assert seen == [Reason.FAILOVER]
     assert router.metrics()["retries"] == 1
     assert not router.health.usable("slave")
+
+
+def test_no_retry_when_a_change_is_pending(broken, tmp_path):
+    """A change to an object (here on another bind) begins the session's transaction,
+    so the next read is not the first statement: if the replica fails, rolling back
+    would drop the change, and the error reaches the view instead of a retry."""
+    other = tmp_path / "other.sqlite3"
+    engine = sa.create_engine(f"sqlite:///{other}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)"))
+        conn.execute(sa.text("INSERT INTO notes (id, body) VALUES (1, 'before')"))
+    app = make_flask_app(
+        broken,
+        SQLALCHEMY_BINDS={
+            "master": broken.url("primary"),
+            "slave": broken.url("replica"),
+            "other": f"sqlite:///{other}",
+        },
+    )
+    db = app.db
+
+    class Note(db.Model):
+        __bind_key__ = "other"
+        __tablename__ = "notes"
+        id = sa.Column(sa.Integer, primary_key=True)
+        body = sa.Column(sa.Text)
+
+    @app.get("/note")
+    def note():
+        row = db.session.get(Note, 1)
+        db.session.commit()
+        row.body = "after"  # dirty, no transaction yet
+        db.session.execute(sa.select(app.Item.name)).all()  # autoflush, then the replica
+        db.session.commit()
+        return "committed"
+
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+    with pytest.raises(sa.exc.OperationalError):
+        app.test_client().get("/note")
+    router = app.extensions["replicated"].router(app)
+    assert router.metrics().get("retries", 0) == 0
+    with engine.connect() as conn:  # the flushed change was rolled back, visibly
+        assert conn.execute(sa.text("SELECT body FROM notes")).scalar() == "before"
+    engine.dispose()

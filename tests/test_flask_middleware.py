@@ -98,3 +98,99 @@ def test_an_exception_in_the_view_closes_the_scope(flask_app_factory):
     assert router.scope() is None
     with app.app_context():
         assert app.backend.who(app.db.session) == "primary"
+
+
+def test_a_query_before_the_url_is_matched_waits_for_the_view(flask_app_factory):
+    """A URL converter (or a server-side session store) queries before Flask knows
+    the view: that statement goes to the primary and the request is decided after
+    the match, so a @changes_database view still gets the primary throughout."""
+    from werkzeug.routing import BaseConverter
+
+    from flask_replicated import changes_database
+
+    app = flask_app_factory()
+    seen = []
+
+    class Checked(BaseConverter):
+        def to_python(self, value):
+            seen.append(("converter", app.backend.who(app.db.session)))
+            app.db.session.rollback()
+            return value
+
+    app.url_map.converters["checked"] = Checked
+
+    @app.get("/forced/<checked:name>")
+    @changes_database
+    def forced_view(name):
+        return app.backend.who(app.db.session)
+
+    @app.before_request
+    def hook():
+        if request.endpoint == "forced_view":
+            seen.append(("hook", app.backend.who(app.db.session)))
+
+    assert app.test_client().get("/forced/x").text == "primary"
+    assert seen == [("converter", "primary"), ("hook", "primary")]
+
+
+def test_a_query_in_an_inner_middleware_does_not_lose_the_cookie(flask_app_factory):
+    """An inner WSGI middleware that queries before Flask made its request sends that
+    statement to the primary without closing the scope: the POST's write still sets
+    the cookie."""
+    app = flask_app_factory(REPLICATED_STICKY_MODE="time")
+    flask_wsgi = type(app).wsgi_app.__get__(app)
+    seen = []
+
+    def api_key_check(environ, start_response):
+        with app.app_context():
+            seen.append(app.backend.who(app.db.session))
+        return flask_wsgi(environ, start_response)
+
+    # As if api_key_check had wrapped app.wsgi_app before FlaskReplicated(app).
+    serve = app.wsgi_app
+    cell = serve.__code__.co_freevars.index("wsgi_app")
+    serve.__closure__[cell].cell_contents = api_key_check
+    client = app.test_client()
+    client.post("/items", data={"name": "x"})
+    assert seen == ["primary"]
+    assert client.get_cookie(COOKIE) is not None
+
+
+def test_threads_sharing_a_request_agree_on_its_replica(flask_app_factory, backend):
+    """Threads started with a copy of the request's context may make its first
+    statement at the same time: one decides, all use the same replica."""
+    import contextvars
+    import threading
+
+    app = flask_app_factory(replica=["replica", "lagging"])
+    router = app.extensions["replicated"].router(app)
+
+    @app.get("/fan-out")
+    def fan_out():
+        barrier = threading.Barrier(8)
+        nodes, errors = [], []
+
+        def first_statement():
+            barrier.wait()
+            try:
+                nodes.append(router.node().name)
+            except Exception as error:
+                errors.append(error)
+
+        threads = [
+            threading.Thread(target=contextvars.copy_context().run, args=(first_statement,))
+            for _ in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert len(set(nodes)) == 1
+        assert nodes[0] == router.current_decision().node.name
+        return nodes[0]
+
+    for _ in range(20):
+        response = app.test_client().get("/fan-out")
+        assert response.status_code == 200
+        assert response.text in {"replica", "lagging"}
