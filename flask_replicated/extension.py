@@ -14,7 +14,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import text
 
 from replicated_core.binds import build_nodes
-from replicated_core.config import DEFAULTS, load_config, options_to_settings
+from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to_settings
 from replicated_core.failover import lost_connection, with_failover
 from replicated_core.health import describe_error
 from replicated_core.router import Router
@@ -152,6 +152,8 @@ class _Hooks:
         self.db = db
         self.cookie = router.config.cookie_name
         self.header = router.config.debug_header
+        # Whether a response after a write carries the primary's WAL position.
+        self.wal = router.sticky_mode is StickyMode.WAL and router.codec is not None
 
     def middleware(self, wsgi_app: WSGIApplication) -> WSGIApplication:
         router = self.router
@@ -211,13 +213,13 @@ class _Hooks:
         decision = scope.settled_decision
         if scope.wrote or (decision is not None and decision.drop_cookie):
             router = self.router
-            lsn = write_position(router) if router.needs_write_position(scope) else None
+            lsn = write_position(router) if self.wal and scope.wrote else None
             path = self.app.config["APPLICATION_ROOT"] or "/"
             # What request.is_secure reads, after any proxy fix-up of the environ.
             secure = environ.get("wsgi.url_scheme") in ("https", "wss")
             update = router.cookie_update(lsn, secure=secure, path=path, scope=scope)
             if update is not None:
-                headers.append(("Set-Cookie", update.header()))
+                headers.append(("Set-Cookie", update.header_value))
 
     def close_session(self, exc: BaseException | None) -> None:
         # Flask-SQLAlchemy's own teardown, but a connection that died after the

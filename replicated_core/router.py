@@ -11,7 +11,7 @@ import logging
 import math
 import random
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import quote
 
@@ -105,6 +105,15 @@ class CookieUpdate:
     max_age: int
     path: str
     secure: bool
+    # The Set-Cookie header value, written once: a time-mode update is reused by
+    # every write of the same second.
+    header_value: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        value = "" if self.value is None else self.value
+        max_age = 0 if self.value is None else self.max_age
+        attributes = _cookie_attributes(max_age, self.path, self.secure)
+        object.__setattr__(self, "header_value", f"{self.name}={value}{attributes}")
 
     def header(self) -> str:
         """The ``Set-Cookie`` header value.
@@ -114,9 +123,7 @@ class CookieUpdate:
         overhead benchmark). Max-Age alone sets the lifetime in every current browser;
         the value is the signer's URL-safe alphabet and needs no quoting.
         """
-        value = "" if self.value is None else self.value
-        max_age = 0 if self.value is None else self.max_age
-        return f"{self.name}={value}" + _cookie_attributes(max_age, self.path, self.secure)
+        return self.header_value
 
     def apply(self, response: _Response) -> None:
         """Set or delete the cookie on a Werkzeug-style (Flask or Quart) response."""
@@ -168,6 +175,7 @@ class Router:
         self._write_decision = Decision(primary, Reason.WRITE_METHOD)
         self._sticky_decision = Decision(primary, Reason.STICKY)
         self._not_routed = Decision(primary, Reason.NOT_ROUTED)
+        self._sticky_on = self.sticky_mode is not StickyMode.OFF
         self._settling = threading.Lock()
         self._last_update: CookieUpdate | None = None
         self._install_guards()
@@ -223,7 +231,12 @@ class Router:
         reads = facts.readonly and not facts.forced_primary
         if reads and self.probe is not None and self.health.probing:
             self.health.refresh(self.probe)
-        sticky = self.read_cookie(cookie) if reads and cookie is not None else None
+        codec = self.codec
+        sticky = (
+            codec.loads(cookie, self.sticky_ttl)
+            if reads and cookie is not None and codec is not None and self._sticky_on
+            else None
+        )
         views = self.health.views()
         decision: Decision | None = None
         if reads and sticky is None:
