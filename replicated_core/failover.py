@@ -9,7 +9,7 @@ The retry wraps the session's ``execute``, ``scalar`` and ``scalars``, the three
 doors every ORM read goes through (``get``, ``Query`` and lazy loads call
 ``execute``). A ``do_orm_execute`` listener would do the same but makes SQLAlchemy
 build an execution state and pre-process every statement twice, whether or not it
-ever fails: the wrapper costs two context-variable reads. Which replica failed is
+ever fails: the wrapper costs one ``in_transaction()`` check. Which replica failed is
 told by the router's ``handle_error`` listener on the replica engines, which tags
 the error with its node.
 """
@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import enum
 import functools
+import inspect
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from .intent import Intent, current_override, current_scope, override_var, scope_var
+from .intent import current_override, current_scope
 from .routing import Node, Role
 
 if TYPE_CHECKING:
@@ -104,6 +105,18 @@ S = TypeVar("S", bound="Session")
 
 _METHODS = ("execute", "scalar", "scalars")
 
+# Session.execute's parameters in SQLAlchemy 2.x, all passed by keyword by
+# scoped_session and the ORM's own loaders.
+_EXECUTE_PARAMETERS = (
+    "self",
+    "statement",
+    "params",
+    "execution_options",
+    "bind_arguments",
+    "_parent_execute_state",
+    "_add_event",
+)
+
 
 def with_failover(session_class: type[S], router_of: Callable[[Session], Router | None]) -> type[S]:
     """A subclass of ``session_class`` whose reads fail over to another node.
@@ -111,37 +124,91 @@ def with_failover(session_class: type[S], router_of: Callable[[Session], Router 
     ``router_of`` finds the router of a session (None: no routing, no retry).
     """
     namespace = {name: _retrying(getattr(session_class, name), router_of) for name in _METHODS}
+    execute = session_class.execute
+    if tuple(inspect.signature(execute).parameters) == _EXECUTE_PARAMETERS:
+        namespace["execute"] = _retrying_execute(execute, router_of)
     return type(session_class.__name__, (session_class,), namespace)
 
 
 def _retrying(method: Callable[..., Any], router_of: Callable[[Session], Router | None]) -> Any:
     @functools.wraps(method)
     def call(session: Session, *args: Any, **kwargs: Any) -> Any:
-        # Cheap exits first: this runs for every ORM statement.
-        override = override_var.get()
-        if override is not None:
-            first_read = override.intent is Intent.REPLICA
-        else:
-            scope = scope_var.get()
-            first_read = (
-                scope is not None
-                and not scope.closed
-                and (scope.settled_decision or scope.decision).node.role is Role.REPLICA
-            )
-        if not first_read or session.in_transaction():
+        # This runs for every ORM statement: a statement after the first of its
+        # transaction is never retried, and costs one check.
+        if session.in_transaction():
             return method(session, *args, **kwargs)
         try:
             return method(session, *args, **kwargs)
         except Exception as error:
-            failure = classify_failure(error)
-            router = router_of(session) if failure is not None else None
-            node = _failed_replica(error) if router is not None else None
-            if router is None or node is None:
+            if not _ready_to_retry(session, error, router_of):
                 raise
-            if failure is Failure.DOWN:
-                router.health.mark_down(node, error)
-            session.rollback()
-            router.reroute(node)
         return method(session, *args, **kwargs)
 
     return call
+
+
+def _retrying_execute(
+    method: Callable[..., Any], router_of: Callable[[Session], Router | None]
+) -> Any:
+    """``_retrying`` for ``Session.execute`` with its own parameters spelled out.
+
+    Every ORM read goes through it, with keyword arguments: a ``*args, **kwargs``
+    wrapper would build and unpack a dict for each statement.
+    """
+    options = inspect.signature(method).parameters["execution_options"].default
+
+    @functools.wraps(method)
+    def execute(
+        session: Session,
+        statement: Any,
+        params: Any = None,
+        *,
+        execution_options: Any = options,
+        bind_arguments: Any = None,
+        _parent_execute_state: Any = None,
+        _add_event: Any = None,
+    ) -> Any:
+        if not session.in_transaction():
+            try:
+                return method(
+                    session,
+                    statement,
+                    params,
+                    execution_options=execution_options,
+                    bind_arguments=bind_arguments,
+                    _parent_execute_state=_parent_execute_state,
+                    _add_event=_add_event,
+                )
+            except Exception as error:
+                if not _ready_to_retry(session, error, router_of):
+                    raise
+        return method(
+            session,
+            statement,
+            params,
+            execution_options=execution_options,
+            bind_arguments=bind_arguments,
+            _parent_execute_state=_parent_execute_state,
+            _add_event=_add_event,
+        )
+
+    return execute
+
+
+def _ready_to_retry(
+    session: Session, error: Exception, router_of: Callable[[Session], Router | None]
+) -> bool:
+    """After the first statement of ``session``'s transaction raised ``error``: whether
+    it may run again, on another node (then the session is rolled back and the
+    request rerouted). Only an error a replica raised is retried: the primary's, or a
+    bad query's, propagates as it is."""
+    node = _failed_replica(error)
+    failure = classify_failure(error) if node is not None else None
+    router = router_of(session) if failure is not None else None
+    if router is None or node is None:
+        return False
+    if failure is Failure.DOWN:
+        router.health.mark_down(node, error)
+    session.rollback()
+    router.reroute(node)
+    return True

@@ -156,3 +156,20 @@ def test_no_retry_when_a_change_is_pending(broken, tmp_path):
     with engine.connect() as conn:  # the flushed change was rolled back, visibly
         assert conn.execute(sa.text("SELECT body FROM notes")).scalar() == "before"
     engine.dispose()
+
+
+def test_execute_is_wrapped_with_its_own_parameters():
+    """The retrying ``execute`` keeps Session.execute's signature (no ``**kwargs``
+    dict per statement) with the installed SQLAlchemy, and still retries."""
+    import inspect
+
+    from sqlalchemy.orm import Session
+
+    from replicated_core.failover import with_failover
+
+    routed = with_failover(Session, lambda session: None)
+    assert inspect.signature(routed.execute) == inspect.signature(Session.execute)
+    assert routed.execute is not Session.execute
+    with routed(sa.create_engine("sqlite://")) as session:
+        assert session.execute(sa.text("SELECT 1")).scalar() == 1
+        assert session.execute(sa.text("SELECT :x"), {"x": 2}).scalar() == 2
