@@ -150,6 +150,7 @@ class _Hooks:
         self.app = app
         self.router = router
         self.db = db
+        self.views = app.view_functions
         self.cookie = router.config.cookie_name
         self.header = router.config.debug_header
         # Whether a response after a write carries the primary's WAL position.
@@ -190,14 +191,15 @@ class _Hooks:
         if not isinstance(req, Request):
             return  # before Flask made its request: not yet (the primary meanwhile)
         rule = req.url_rule
-        if rule is None and req.routing_exception is None:
+        if rule is not None:
+            endpoint = rule.endpoint
+            facts = self.router.facts(req.method, endpoint, self.views.get(endpoint))
+        elif req.routing_exception is not None:
+            facts = self.router.facts(req.method, None, None)  # a 404 or 405
+        else:
             return  # a session interface or URL converter, before the match: not yet
-        router = self.router
-        endpoint = rule.endpoint if rule is not None else None
-        view = self.app.view_functions.get(endpoint) if endpoint is not None else None
-        facts = router.facts(req.method, endpoint, view)
         raw = environ.get("HTTP_COOKIE")
-        router.settle(scope, facts, find_cookie(raw, self.cookie) if raw else None)
+        self.router.settle(scope, facts, find_cookie(raw, self.cookie) if raw else None)
 
     def respond(
         self, scope: RequestScope, environ: WSGIEnvironment, headers: list[tuple[str, str]]

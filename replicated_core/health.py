@@ -92,6 +92,9 @@ class Health:
         self._starved = False
         self._version = 0
         self._views: tuple[int, float, tuple[ReplicaView, ...]] | None = None
+        # What views() answers, while no downtime is running: until a change of state,
+        # the request path reads this attribute and skips the call. None: call views().
+        self.stable_views: tuple[ReplicaView, ...] | None = None
         self._pending: set[asyncio.Future[ReplicaProbe]] = set()
 
     # -- reading -------------------------------------------------------------------
@@ -120,12 +123,17 @@ class Health:
         # new version.
         valid_until = min((s.down_until for s in states if s.down_until > now), default=math.inf)
         self._views = (version, valid_until, views)
+        if valid_until == math.inf:
+            self.stable_views = views
+            if self._version != version:
+                self.stable_views = None  # a change came in meanwhile: rebuild next time
         self._note_starvation(any(v.usable for v in views))
         return views
 
     def _changed(self) -> None:
         # Called after every change that may change a view.
         self._version += 1
+        self.stable_views = None
 
     def usable(self, name: str) -> bool:
         """Whether the replica called ``name`` may serve reads now."""

@@ -61,6 +61,7 @@ T = TypeVar("T")
 logger = logging.getLogger("replicated")
 
 _TOTAL = ("requests_total",)
+_READ_NAMES = ("requests_total", "requests_to_replica")
 _TIME_TOKEN = StickyToken()
 
 # Views times methods: far more than any app has.
@@ -172,10 +173,13 @@ class Router:
         self._names: dict[tuple[Reason, Role, bool], tuple[str, ...]] = {}
         self._with_writes: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._reads: tuple[Sequence[ReplicaView] | None, tuple[Decision, ...]] = (None, ())
-        self._write_decision = Decision(primary, Reason.WRITE_METHOD)
-        self._sticky_decision = Decision(primary, Reason.STICKY)
         self._not_routed = Decision(primary, Reason.NOT_ROUTED)
-        self._sticky_on = self.sticky_mode is not StickyMode.OFF
+        write = Decision(primary, Reason.WRITE_METHOD)
+        self._write_decision = (write, self._counter_names(write, sticky=False))
+        sticky = Decision(primary, Reason.STICKY)
+        self._sticky_decision = (sticky, self._counter_names(sticky, sticky=True))
+        # The codec that reads cookies: None when there is none or sticky mode is off.
+        self._codec_in_use = codec if self.sticky_mode is not StickyMode.OFF else None
         self._settling = threading.Lock()
         self._last_update: CookieUpdate | None = None
         self._install_guards()
@@ -215,9 +219,7 @@ class Router:
         calls ``settle`` with the request's facts, or returns without settling while
         the request cannot be decided yet: meanwhile statements go to the primary.
         """
-        scope = RequestScope(self, resolver=resolver)
-        scope.pending = self._not_routed
-        scope.counted = _TOTAL
+        scope = RequestScope(self, resolver=resolver, pending=self._not_routed, counted=_TOTAL)
         scope.token = scope_var.set(scope)
         return scope
 
@@ -228,40 +230,39 @@ class Router:
         With a sync ``probe`` set (Flask), replica positions are refreshed first when
         due; async adapters refresh them before calling ``begin``.
         """
-        reads = facts.readonly and not facts.forced_primary
-        if reads and self.probe is not None and self.health.probing:
-            self.health.refresh(self.probe)
-        codec = self.codec
-        sticky = (
-            codec.loads(cookie, self.sticky_ttl)
-            if reads and cookie is not None and codec is not None and self._sticky_on
-            else None
-        )
-        views = self.health.views()
+        # Ready-made answers for most requests; ``decide`` for the rest. A property
+        # test checks they agree with it.
         decision: Decision | None = None
-        if reads and sticky is None:
-            # Most requests: a plain read. ``decide`` would pick one of the usable
-            # replicas for Reason.READ; the choices are kept for as long as the
-            # health registry hands out the same views.
-            known = self._reads
-            if known[0] is not views:
-                choices = tuple(Decision(v.node, Reason.READ) for v in views if v.usable)
-                known = self._reads = (views, choices)
-            choices = known[1]
-            if len(choices) == 1:
-                decision = choices[0]
-            elif choices:
-                decision = self._choose(choices)
-        elif reads and sticky is not None and sticky.lsn is None:
-            decision = self._sticky_decision  # a time-mode cookie: the primary
+        counted: tuple[str, ...] | None = None
+        sticky = None
+        if facts.reads:
+            if self.probe is not None and self.health.probing:
+                self.health.refresh(self.probe)
+            codec = self._codec_in_use
+            if cookie is not None and codec is not None:
+                sticky = codec.loads(cookie, self.sticky_ttl)
+            if sticky is None:
+                # A plain read: one of the usable replicas. The choices are kept for
+                # as long as the health registry hands out the same views.
+                views = self.health.stable_views or self.health.views()
+                known = self._reads
+                if known[0] is not views:
+                    choices = tuple(Decision(v.node, Reason.READ) for v in views if v.usable)
+                    known = self._reads = (views, choices)
+                choices = known[1]
+                if choices:
+                    decision = choices[0] if len(choices) == 1 else self._choose(choices)
+                    counted = _READ_NAMES
+            elif sticky.lsn is None:
+                decision, counted = self._sticky_decision  # a time-mode cookie
         elif not (facts.readonly or facts.forced_primary or facts.websocket):
-            decision = self._write_decision  # what decide() answers for a POST
-        if decision is None:
-            decision = decide(facts, sticky, self.primary, views, self._choose)
-        hit = sticky is not None
-        counted = self._names.get((decision.reason, decision.node.role, hit)) or (
-            self._counter_names(decision, hit)
-        )
+            decision, counted = self._write_decision  # a POST
+        if decision is None or counted is None:
+            decision = decide(facts, sticky, self.primary, self.health.views(), self._choose)
+            hit = sticky is not None
+            counted = self._names.get((decision.reason, decision.node.role, hit)) or (
+                self._counter_names(decision, hit)
+            )
         with self._settling:
             # Threads or tasks sharing the request's context may ask at once: the
             # first to get here decides for all (one replica per request).
@@ -407,20 +408,20 @@ class Router:
         """The node for the next statement, from the current intent. The hot path."""
         override = override_var.get()
         scope = scope_var.get()
+        if override is None:
+            if scope is None or scope.owner is not self or scope.closed:
+                return self.primary
+            return (scope.settled_decision or scope.decision).node
         if scope is not None and (scope.owner is not self or scope.closed):
             scope = None
-        if override is not None:
-            if override.intent is Intent.PRIMARY:
-                if scope is not None and scope.decision.node is not self.primary:
-                    # From now on the request reads its own writes on the primary.
-                    scope.decision = Decision(self.primary, Reason.PINNED)
-                return self.primary
-            if override.node is None:
-                override.node = self._replica_for_block(scope)
-            return override.node
-        if scope is None:
+        if override.intent is Intent.PRIMARY:
+            if scope is not None and scope.decision.node is not self.primary:
+                # From now on the request reads its own writes on the primary.
+                scope.decision = Decision(self.primary, Reason.PINNED)
             return self.primary
-        return (scope.settled_decision or scope.decision).node
+        if override.node is None:
+            override.node = self._replica_for_block(scope)
+        return override.node
 
     def engine(self) -> Engine:
         """The sync Engine for the next statement."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -71,6 +71,11 @@ class RequestFacts:
     readonly: bool
     forced_primary: bool
     websocket: bool = False
+    # Whether the request's reads may go to a replica: read-only and not forced.
+    reads: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reads", self.readonly and not self.forced_primary)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +166,8 @@ class RequestScope:
         decision: Decision | None = None,
         sticky: StickyToken | None = None,
         resolver: Callable[[RequestScope], None] | None = None,
+        pending: Decision | None = None,
+        counted: tuple[str, ...] = (),
     ) -> None:
         self.owner = owner
         self._facts = facts
@@ -169,11 +176,11 @@ class RequestScope:
         self.settled_decision = decision
         self.sticky = sticky
         self.resolver = resolver
-        self.pending: Decision | None = None
+        self.pending = pending
         self.wrote = False
         self.closed = False
         # The counter names this request adds to when it ends (set by the router).
-        self.counted: tuple[str, ...] = ()
+        self.counted = counted
         self.token: Token[RequestScope | None] | None = None
 
     @property

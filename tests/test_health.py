@@ -93,3 +93,35 @@ def test_down_then_back_needs_a_fresh_check():
     assert not h.usable("r1")  # downtime over, but no check has said it is fine
     h.record(NODE, probe(100, 100, 0.0))
     assert h.usable("r1")
+
+
+def test_stable_views_follow_every_change_and_downtime():
+    """The request path reads ``stable_views`` instead of calling ``views()``: it must
+    never outlive a change of state, and is withheld while a downtime runs (when the
+    views change with time alone)."""
+    clock = Clock()
+    h = health(clock, max_lag=1.0)
+    assert h.stable_views is None
+    h.record(NODE, probe(100, 100, 0.0))
+    first = h.views()
+    assert h.stable_views is first
+    assert first[0].usable
+    clock.now += 0.5
+    h.record(NODE, probe(100, 200, 0.0))  # received 200, replay stuck at 100
+    clock.now += 2
+    h.record(NODE, probe(100, 200, 0.0))  # now 2 s behind: past max lag
+    assert h.stable_views is None
+    assert not h.views()[0].usable
+    assert h.stable_views is not None
+    assert not h.stable_views[0].usable
+    h.mark_down(NODE, ConnectionRefusedError("refused"))
+    assert h.stable_views is None
+    assert not h.views()[0].usable
+    assert h.stable_views is None  # the downtime ends by the clock alone
+    clock.now += 6
+    assert not h.views()[0].usable  # still needs a fresh check
+    assert h.stable_views is not None
+    h.record(NODE, probe(300, 300, 0.0))
+    assert h.stable_views is None
+    assert h.views()[0].usable
+    assert h.stable_views is not None
