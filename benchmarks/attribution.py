@@ -61,7 +61,7 @@ def switch_off(router: Router, parts: tuple[str, ...]) -> None:
     if "cookie" in parts:
         router.cookie_update = lambda *args, **kwargs: None  # type: ignore[method-assign]
     if "counters" in parts:
-        router.counters.add = lambda *names: None  # type: ignore[method-assign]
+        router.counters.add_event = lambda names: None  # type: ignore[method-assign]
 
 
 def _unchanged(session_class: type[Any], router_of: Any) -> type[Any]:
