@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -181,7 +182,9 @@ class Router:
         # The codec that reads cookies: None when there is none or sticky mode is off.
         self._codec_in_use = codec if self.sticky_mode is not StickyMode.OFF else None
         self._settling = threading.Lock()
-        self._last_update: CookieUpdate | None = None
+        self._max_age = math.ceil(self.sticky_ttl)
+        # The last time-mode cookie: its second, path and Secure flag, and itself.
+        self._time_update: tuple[int, str, bool, CookieUpdate] | None = None
         self._install_guards()
 
     # -- per request -------------------------------------------------------------
@@ -372,20 +375,24 @@ class Router:
         ``scope`` is the current request's, when the caller has it at hand.
         """
         scope = scope or self.scope()
-        if scope is None or self.codec is None or self.sticky_mode is StickyMode.OFF:
+        codec = self._codec_in_use
+        if scope is None or codec is None:
             return None
-        name = self.config.cookie_name
         if scope.wrote:
-            value = self.codec.dumps(_TIME_TOKEN if lsn is None else StickyToken(lsn))
-            last = self._last_update
-            # In time mode every write of the same second gets the same value.
-            if last is not None and (last.value, last.path, last.secure) == (value, path, secure):
-                return last
-            update = CookieUpdate(name, value, math.ceil(self.sticky_ttl), path, secure)
-            self._last_update = update
+            if lsn is not None:
+                value = codec.dumps(StickyToken(lsn))
+                return CookieUpdate(self.config.cookie_name, value, self._max_age, path, secure)
+            # A time-mode cookie is the same for every write of the same second.
+            now = int(time.time())
+            last = self._time_update
+            if last is not None and last[0] == now and last[1] == path and last[2] is secure:
+                return last[3]
+            value = codec.dumps(_TIME_TOKEN, now)
+            update = CookieUpdate(self.config.cookie_name, value, self._max_age, path, secure)
+            self._time_update = (now, path, secure, update)
             return update
         if scope.settled_decision is not None and scope.settled_decision.drop_cookie:
-            return CookieUpdate(name, None, 0, path, secure)
+            return CookieUpdate(self.config.cookie_name, None, 0, path, secure)
         return None
 
     def metrics(self) -> dict[str, int]:

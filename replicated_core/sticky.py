@@ -59,10 +59,12 @@ class StickyCodec:
         # few hundred entries of under 200 characters: bounded, whatever clients send.
         self._check = functools.lru_cache(maxsize=_CHECKED_VALUES)(self._verify)
 
-    def dumps(self, token: StickyToken) -> str:
-        """The cookie value for ``token``, stamped with the current time."""
+    def dumps(self, token: StickyToken, now: int | None = None) -> str:
+        """The cookie value for ``token``, stamped with ``now`` (whole seconds since
+        the epoch; default: the current time)."""
         payload = b"t" if token.lsn is None else format(token.lsn, "x").encode("ascii")
-        now = int(time.time())
+        if now is None:
+            now = int(time.time())
         last = self._last
         if last[0] == payload and last[1] == now:
             return last[2]
