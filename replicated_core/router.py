@@ -418,7 +418,15 @@ class Router:
         if override is None:
             if scope is None or scope.owner is not self or scope.closed:
                 return self.primary
-            return (scope.settled_decision or scope.decision).node
+            decision = scope.settled_decision
+            if decision is None:
+                # The request's first statement: decide now, as the ``decision``
+                # property would (which also raises if there is no way to decide).
+                resolver = scope.resolver
+                if resolver is not None:
+                    resolver(scope)
+                decision = scope.settled_decision or scope.pending or scope.decision
+            return decision.node
         if scope is not None and (scope.owner is not self or scope.closed):
             scope = None
         if override.intent is Intent.PRIMARY:
