@@ -61,6 +61,7 @@ T = TypeVar("T")
 
 logger = logging.getLogger("replicated")
 
+_DEBUG = logging.DEBUG
 _TOTAL = ("requests_total",)
 _READ_NAMES = ("requests_total", "requests_to_replica")
 _TIME_TOKEN = StickyToken()
@@ -159,9 +160,8 @@ class Router:
         )
         self._replica_by_engine = {id(n.engine): n for n in self.replicas}
         self.counters = Counters()
-        # A sync probe of one replica, set by sync adapters: settle() and use_replica()
-        # outside a request then refresh positions themselves when due.
-        self.probe: Callable[[Node], ReplicaProbe] | None = None
+        self._probe: Callable[[Node], ReplicaProbe] | None = None
+        self._probe_for_reads: Callable[[Node], ReplicaProbe] | None = None
         if codec is None and self.sticky_mode is not StickyMode.OFF:
             logger.warning(
                 "SECRET_KEY is not set, so the sticky cookie cannot be signed and is not "
@@ -186,6 +186,17 @@ class Router:
         # The last time-mode cookie: its second, path and Secure flag, and itself.
         self._time_update: tuple[int, str, bool, CookieUpdate] | None = None
         self._install_guards()
+
+    @property
+    def probe(self) -> Callable[[Node], ReplicaProbe] | None:
+        """A sync probe of one replica, set by sync adapters: settle() and
+        use_replica() outside a request then refresh positions themselves when due."""
+        return self._probe
+
+    @probe.setter
+    def probe(self, probe: Callable[[Node], ReplicaProbe] | None) -> None:
+        self._probe = probe
+        self._probe_for_reads = probe if self.health.probing else None
 
     # -- per request -------------------------------------------------------------
 
@@ -239,8 +250,8 @@ class Router:
         counted: tuple[str, ...] | None = None
         sticky = None
         if facts.reads:
-            if self.probe is not None and self.health.probing:
-                self.health.refresh(self.probe)
+            if self._probe_for_reads is not None:
+                self.health.refresh(self._probe_for_reads)
             codec = self._codec_in_use
             if cookie is not None and codec is not None:
                 sticky = codec.loads(cookie, self.sticky_ttl)
@@ -266,17 +277,21 @@ class Router:
             counted = self._names.get((decision.reason, decision.node.role, hit)) or (
                 self._counter_names(decision, hit)
             )
-        with self._settling:
-            # Threads or tasks sharing the request's context may ask at once: the
-            # first to get here decides for all (one replica per request).
+        # Threads or tasks sharing the request's context may ask at once: the first
+        # to get here decides for all (one replica per request). acquire() and
+        # release() rather than ``with``, which binds two methods on every request.
+        lock = self._settling
+        lock.acquire()
+        try:
             if scope.settled_decision is not None:
                 return
             scope._facts = facts  # the slot behind the read-only ``facts`` property
             scope.sticky = sticky
             scope.settled_decision = decision
             scope.counted = counted
-            scope.resolver = None
-        if logger.isEnabledFor(logging.DEBUG):
+        finally:
+            lock.release()
+        if logger.isEnabledFor(_DEBUG):
             logger.debug(
                 "%s %s: %s '%s' because %s%s",
                 facts.method,

@@ -190,7 +190,7 @@ class RequestScope:
         if decision is None:
             resolver = self.resolver
             if resolver is not None:
-                resolver(self)  # clears itself once the scope is settled
+                resolver(self)  # settles the scope, or leaves it for later
             decision = self.settled_decision or self.pending
             if decision is None:
                 raise RuntimeError("A request scope has no decision and no way to make one.")
