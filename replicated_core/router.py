@@ -521,13 +521,16 @@ class Router:
         elif dialect.driver == "asyncpg":
             cparams.setdefault("timeout", timeout)
 
-    def _note_write(self, cursor: Any, statement: str, *args: Any) -> None:
+    # Listeners of do_execute/do_executemany (cursor, statement, parameters, context)
+    # and do_execute_no_params (cursor, statement, context): named parameters rather
+    # than *args, which would build a tuple for every statement.
+    def _note_write(self, cursor: Any, statement: str, _a: Any = None, _b: Any = None) -> None:
         scope = scope_var.get()
         if scope is not None and not scope.wrote and is_write_sql(statement):
             scope.wrote = True
 
     def _refuse_write(self, node: Node) -> Any:
-        def refuse(cursor: Any, statement: str, *args: Any) -> None:
+        def refuse(cursor: Any, statement: str, _a: Any = None, _b: Any = None) -> None:
             if is_write_sql(statement):
                 raise ReplicaWriteError(self.write_message(node))
 
