@@ -135,14 +135,14 @@ def _retrying(method: Callable[..., Any], router_of: Callable[[Session], Router 
     def call(session: Session, *args: Any, **kwargs: Any) -> Any:
         # This runs for every ORM statement: a statement after the first of its
         # transaction is never retried, and costs one check.
-        if session.in_transaction():
-            return method(session, *args, **kwargs)
-        try:
-            return method(session, *args, **kwargs)
-        except Exception as error:
-            if not _ready_to_retry(session, error, router_of):
-                raise
-        return method(session, *args, **kwargs)
+        retry = not session.in_transaction()
+        while True:
+            try:
+                return method(session, *args, **kwargs)
+            except Exception as error:
+                if not retry or not _ready_to_retry(session, error, router_of):
+                    raise
+                retry = False  # once
 
     return call
 
@@ -168,7 +168,8 @@ def _retrying_execute(
         _parent_execute_state: Any = None,
         _add_event: Any = None,
     ) -> Any:
-        if not session.in_transaction():
+        retry = not session.in_transaction()
+        while True:
             try:
                 return method(
                     session,
@@ -180,17 +181,9 @@ def _retrying_execute(
                     _add_event=_add_event,
                 )
             except Exception as error:
-                if not _ready_to_retry(session, error, router_of):
+                if not retry or not _ready_to_retry(session, error, router_of):
                     raise
-        return method(
-            session,
-            statement,
-            params,
-            execution_options=execution_options,
-            bind_arguments=bind_arguments,
-            _parent_execute_state=_parent_execute_state,
-            _add_event=_add_event,
-        )
+                retry = False  # once
 
     return execute
 
