@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import Counter, deque
 
 __all__ = ["Counters"]
 
-# Events kept unfolded at most: a few kilobytes.
+# Events kept before they are folded: a few kilobytes.
 _FOLD_AT = 256
 
 
@@ -15,15 +15,15 @@ class Counters:
     """Thread-safe named counters; ``snapshot()`` reads them all at once.
 
     An event that counts under several names is stored once, under the tuple of its
-    names. The request path only appends the event to a list (``list.append`` and
-    ``list.pop`` are atomic, so it takes no lock); the events are folded into the
-    totals every few hundred and whenever the counters are read.
+    names. The request path only appends the event to a deque (``append`` and
+    ``popleft`` are atomic, so it takes no lock); the events are folded into the
+    totals, oldest first, every few hundred and whenever the counters are read.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._events: Counter[tuple[str, ...]] = Counter()
-        self._recent: list[tuple[str, ...]] = []
+        self._recent: deque[tuple[str, ...]] = deque()
 
     def add(self, *names: str) -> None:
         """Add one to each of ``names``."""
@@ -53,6 +53,7 @@ class Counters:
 
     def _fold_locked(self) -> None:
         recent, events = self._recent, self._events
-        # Exactly the events there now: others may append meanwhile, for next time.
+        # Exactly the events there now, from the left: others may append on the right
+        # meanwhile, for next time, and every event added before this read is counted.
         for _ in range(len(recent)):
-            events[recent.pop()] += 1
+            events[recent.popleft()] += 1
