@@ -1,9 +1,10 @@
 """Transparent retry of a read whose replica failed.
 
 A statement is retried on another node only when it is the first of its session's
-transaction: nothing has run there, so rolling back loses nothing. A later statement
-that fails propagates its error; the next position check or first statement on that
-replica marks it down.
+transaction (nothing has run there, so rolling back loses nothing; SQLAlchemy begins
+the transaction as soon as an object is added or changed) and the request sent it to
+the replica that failed. A later statement that fails propagates its error; the next
+position check or first statement on that replica marks it down.
 
 The retry wraps the session's ``execute``, ``scalar`` and ``scalars``, the three
 doors every ORM read goes through (``get``, ``Query`` and lazy loads call
@@ -27,7 +28,7 @@ from .intent import current_override, current_scope
 from .routing import Node, Role
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from sqlalchemy.orm import Session
 
@@ -105,28 +106,17 @@ S = TypeVar("S", bound="Session")
 
 _METHODS = ("execute", "scalar", "scalars")
 
-# Session.execute's parameters in SQLAlchemy 2.x, all passed by keyword by
-# scoped_session and the ORM's own loaders.
-_EXECUTE_PARAMETERS = (
-    "self",
-    "statement",
-    "params",
-    "execution_options",
-    "bind_arguments",
-    "_parent_execute_state",
-    "_add_event",
-)
-
 
 def with_failover(session_class: type[S], router_of: Callable[[Session], Router | None]) -> type[S]:
     """A subclass of ``session_class`` whose reads fail over to another node.
 
     ``router_of`` finds the router of a session (None: no routing, no retry).
     """
-    namespace = {name: _retrying(getattr(session_class, name), router_of) for name in _METHODS}
-    execute = session_class.execute
-    if tuple(inspect.signature(execute).parameters) == _EXECUTE_PARAMETERS:
-        namespace["execute"] = _retrying_execute(execute, router_of)
+    namespace = {}
+    for name in _METHODS:
+        method = getattr(session_class, name)
+        fast = _retrying_execute(method, router_of) if name == "execute" else None
+        namespace[name] = fast or _retrying(method, router_of)
     return type(session_class.__name__, (session_class,), namespace)
 
 
@@ -149,13 +139,18 @@ def _retrying(method: Callable[..., Any], router_of: Callable[[Session], Router 
 
 def _retrying_execute(
     method: Callable[..., Any], router_of: Callable[[Session], Router | None]
-) -> Any:
-    """``_retrying`` for ``Session.execute`` with its own parameters spelled out.
+) -> Any | None:
+    """``_retrying`` for ``Session.execute`` with its own parameters spelled out, or
+    None when ``method`` has other parameters (another SQLAlchemy version).
 
-    Every ORM read goes through it, with keyword arguments: a ``*args, **kwargs``
-    wrapper would build and unpack a dict for each statement.
+    Every ORM read goes through it, with keyword arguments (scoped_session and the
+    ORM's loaders pass all five): a ``*args, **kwargs`` wrapper would build and
+    unpack a dict for each statement.
     """
-    options = inspect.signature(method).parameters["execution_options"].default
+    parameters = inspect.signature(method).parameters
+    if "execution_options" not in parameters:
+        return None
+    options = parameters["execution_options"].default
 
     @functools.wraps(method)
     def execute(
@@ -185,7 +180,13 @@ def _retrying_execute(
                     raise
                 retry = False  # once
 
-    return execute
+    ours = inspect.signature(execute, follow_wrapped=False).parameters
+    return execute if _shape(ours) == _shape(parameters) else None
+
+
+def _shape(parameters: Mapping[str, inspect.Parameter]) -> list[tuple[str, object, object]]:
+    """Name, kind and default of each parameter after the first (self)."""
+    return [(p.name, p.kind, p.default) for p in list(parameters.values())[1:]]
 
 
 def _ready_to_retry(
@@ -193,12 +194,13 @@ def _ready_to_retry(
 ) -> bool:
     """After the first statement of ``session``'s transaction raised ``error``: whether
     it may run again, on another node (then the session is rolled back and the
-    request rerouted). Only an error a replica raised is retried: the primary's, or a
-    bad query's, propagates as it is."""
+    request rerouted). Only an error a replica raised is retried, and only when the
+    request (or block) sends its reads there: the primary's, a bad query's, or that
+    of a replica the view chose itself propagates as it is."""
     node = _failed_replica(error)
     failure = classify_failure(error) if node is not None else None
     router = router_of(session) if failure is not None else None
-    if router is None or node is None:
+    if router is None or node is None or not router.reads_go_to(node):
         return False
     if failure is Failure.DOWN:
         router.health.mark_down(node, error)

@@ -470,6 +470,14 @@ class Router:
         """The replica node whose engine is ``bind``, or None (primary, other binds)."""
         return self._replica_by_engine.get(id(bind))
 
+    def reads_go_to(self, node: Node) -> bool:
+        """Whether the current block's, or else request's, reads go to ``node``."""
+        override = current_override()
+        if override is not None:
+            return override.node is node
+        scope = self.scope()
+        return scope is not None and scope.decision.node is node
+
     def reroute(self, failed: Node) -> None:
         """Send the current request's (or block's) reads elsewhere after ``failed`` failed."""
         self.counters.add("retries")

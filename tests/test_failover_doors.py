@@ -114,6 +114,52 @@ async def test_quart_reads_fail_over_through_every_door(broken, door):
     assert not router.health.usable("slave")
 
 
+def test_no_retry_when_the_replica_was_chosen_by_the_view(broken):
+    """A POST that sends one statement to a replica itself (``bind_arguments``) gets
+    its error after one attempt: rerouting the request would not move that statement,
+    so a retry would only wait for the replica a second time."""
+    app = make_flask_app(broken)
+    router = app.extensions["replicated"].router(app)
+    attempts = []
+    with app.app_context():
+        replica = app.db.engines["slave"]
+    sa.event.listen(replica, "do_connect", lambda *args: attempts.append(1))
+
+    @app.post("/pinned")
+    def pinned():
+        query = sa.select(app.Item.name)
+        try:
+            app.db.session.execute(query, bind_arguments={"bind": replica}).all()
+        except sa.exc.OperationalError:
+            return "raised"
+        return "no error"
+
+    assert app.test_client().post("/pinned").text == "raised"
+    assert attempts == [1]
+    assert router.metrics().get("retries", 0) == 0
+
+
+def test_no_retry_after_an_object_is_added(broken):
+    """``session.add`` begins the session's transaction: the read that follows is not
+    its first statement, so a failing replica's error reaches the view and the new
+    object is not silently dropped by a rollback."""
+    app = make_flask_app(broken)
+    router = app.extensions["replicated"].router(app)
+
+    @app.get("/add")
+    def add():
+        app.db.session.add(app.Item(name="added"))
+        with app.db.session.no_autoflush:
+            try:
+                app.db.session.execute(sa.select(app.Item.name)).all()
+            except sa.exc.OperationalError:
+                return f"raised, {len(app.db.session.new)} pending"
+        return "no error"
+
+    assert app.test_client().get("/add").text == "raised, 1 pending"
+    assert router.metrics().get("retries", 0) == 0
+
+
 def test_no_retry_when_a_change_is_pending(broken, tmp_path):
     """A change to an object (here on another bind) begins the session's transaction,
     so the next read is not the first statement: if the replica fails, rolling back
@@ -143,7 +189,7 @@ def test_no_retry_when_a_change_is_pending(broken, tmp_path):
     def note():
         row = db.session.get(Note, 1)
         db.session.commit()
-        row.body = "after"  # dirty, no transaction yet
+        row.body = "after"  # loads the expired row: the transaction begins
         db.session.execute(sa.select(app.Item.name)).all()  # autoflush, then the replica
         db.session.commit()
         return "committed"
@@ -158,18 +204,58 @@ def test_no_retry_when_a_change_is_pending(broken, tmp_path):
     engine.dispose()
 
 
-def test_execute_is_wrapped_with_its_own_parameters():
-    """The retrying ``execute`` keeps Session.execute's signature (no ``**kwargs``
-    dict per statement) with the installed SQLAlchemy, and still retries."""
+def shape(function):
+    """Name, kind and default of each parameter after ``self``, of ``function`` itself
+    (not of what it wraps, which ``inspect.signature`` follows by default)."""
     import inspect
 
+    parameters = inspect.signature(function, follow_wrapped=False).parameters
+    return [(p.name, p.kind, p.default) for p in list(parameters.values())[1:]]
+
+
+def test_execute_is_wrapped_with_its_own_parameters():
+    """With the installed SQLAlchemy the retrying ``execute`` has Session.execute's
+    own parameters (no ``**kwargs`` dict per statement); ``scalar`` and ``scalars``
+    get the generic wrapper. Both still run statements."""
     from sqlalchemy.orm import Session
 
     from replicated_core.failover import with_failover
 
     routed = with_failover(Session, lambda session: None)
-    assert inspect.signature(routed.execute) == inspect.signature(Session.execute)
     assert routed.execute is not Session.execute
+    assert shape(routed.execute) == shape(Session.execute)
+    assert [kind.name for _, kind, _ in shape(routed.scalar)] == ["VAR_POSITIONAL", "VAR_KEYWORD"]
     with routed(sa.create_engine("sqlite://")) as session:
         assert session.execute(sa.text("SELECT 1")).scalar() == 1
         assert session.execute(sa.text("SELECT :x"), {"x": 2}).scalar() == 2
+        assert session.scalar(sa.text("SELECT 3")) == 3
+
+
+def test_an_execute_with_other_parameters_gets_the_generic_wrapper():
+    """A session class whose ``execute`` differs from the one the fast wrapper spells
+    out (here a default) is wrapped generically, so no argument is changed."""
+    from sqlalchemy.orm import Session
+
+    from replicated_core.failover import with_failover
+
+    seen = []
+
+    class Custom(Session):
+        def execute(
+            self,
+            statement,
+            params=None,
+            *,
+            execution_options=None,
+            bind_arguments=None,
+            _parent_execute_state=None,
+            _add_event="mine",
+        ):
+            seen.append(_add_event)
+            return super().execute(statement, params, execution_options=execution_options or {})
+
+    routed = with_failover(Custom, lambda session: None)
+    assert [kind.name for _, kind, _ in shape(routed.execute)] == ["VAR_POSITIONAL", "VAR_KEYWORD"]
+    with routed(sa.create_engine("sqlite://")) as session:
+        assert session.execute(sa.text("SELECT 1")).scalar() == 1
+    assert seen == ["mine"]
