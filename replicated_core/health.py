@@ -77,7 +77,7 @@ class Health:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.states = {node.name: ReplicaState(node) for node in replicas}
-        self.probing = probing
+        self._probing = probing
         self.check_interval = check_interval
         self.max_lag = max_lag
         self.downtime = downtime
@@ -98,6 +98,11 @@ class Health:
         self._pending: set[asyncio.Future[ReplicaProbe]] = set()
 
     # -- reading -------------------------------------------------------------------
+
+    @property
+    def probing(self) -> bool:
+        """Whether replica positions can be read (PostgreSQL); fixed at creation."""
+        return self._probing
 
     def views(self) -> Sequence[ReplicaView]:
         """Every replica as the routing decision sees it now.
@@ -142,7 +147,7 @@ class Health:
     def _usable(self, state: ReplicaState, now: float) -> bool:
         if now < state.down_until or state.overdue_since is not None:
             return False
-        if not self.probing:
+        if not self._probing:
             return True
         probe = state.probe
         if probe is None:
@@ -162,7 +167,7 @@ class Health:
 
     def _claim(self) -> list[Node] | None:
         """The replicas to probe, if a refresh is due and nobody else is doing it."""
-        if not self.probing:
+        if not self._probing:
             return None
         now = self.clock()
         if now < self._next_refresh or not self._refresh_lock.acquire(blocking=False):

@@ -146,9 +146,9 @@ class Router:
         self.config = config
         self.primary = primary
         self.replicas = tuple(replicas)
-        self.codec = codec
-        self.sticky_mode = config.sticky_mode.resolve(primary.engine.dialect.name == "postgresql")
-        self.sticky_ttl = config.sticky_ttl(self.sticky_mode)
+        self._codec = codec
+        self._sticky_mode = config.sticky_mode.resolve(primary.engine.dialect.name == "postgresql")
+        self._sticky_ttl = config.sticky_ttl(self._sticky_mode)
         self.health = Health(
             self.replicas,
             probing=all(n.engine.dialect.name == "postgresql" for n in self.replicas),
@@ -162,7 +162,7 @@ class Router:
         self.counters = Counters()
         self._probe: Callable[[Node], ReplicaProbe] | None = None
         self._probe_for_reads: Callable[[Node], ReplicaProbe] | None = None
-        if codec is None and self.sticky_mode is not StickyMode.OFF:
+        if codec is None and self._sticky_mode is not StickyMode.OFF:
             logger.warning(
                 "SECRET_KEY is not set, so the sticky cookie cannot be signed and is not "
                 "used: after a write, a client's next requests read from replicas at once "
@@ -180,12 +180,30 @@ class Router:
         sticky = Decision(primary, Reason.STICKY)
         self._sticky_decision = (sticky, self._counter_names(sticky, sticky=True))
         # The codec that reads cookies: None when there is none or sticky mode is off.
-        self._codec_in_use = codec if self.sticky_mode is not StickyMode.OFF else None
+        self._codec_in_use = codec if self._sticky_mode is not StickyMode.OFF else None
         self._settling = threading.Lock()
-        self._max_age = math.ceil(self.sticky_ttl)
+        self._max_age = math.ceil(self._sticky_ttl)
         # The last time-mode cookie: its second, path and Secure flag, and itself.
         self._time_update: tuple[int, str, bool, CookieUpdate] | None = None
         self._install_guards()
+
+    # The cookie settings are read-only: what the request path keeps of them is
+    # worked out once, here.
+
+    @property
+    def codec(self) -> StickyCodec | None:
+        """What signs and checks sticky cookies; None without a secret key."""
+        return self._codec
+
+    @property
+    def sticky_mode(self) -> StickyMode:
+        """The sticky mode in use ("auto" resolved for the primary's database)."""
+        return self._sticky_mode
+
+    @property
+    def sticky_ttl(self) -> float:
+        """How long a sticky cookie holds, in seconds."""
+        return self._sticky_ttl
 
     @property
     def probe(self) -> Callable[[Node], ReplicaProbe] | None:
@@ -254,7 +272,7 @@ class Router:
                 self.health.refresh(self._probe_for_reads)
             codec = self._codec_in_use
             if cookie is not None and codec is not None:
-                sticky = codec.loads(cookie, self.sticky_ttl)
+                sticky = codec.loads(cookie, self._sticky_ttl)
             if sticky is None:
                 # A plain read: one of the usable replicas. The choices are kept for
                 # as long as the health registry hands out the same views.
@@ -357,9 +375,10 @@ class Router:
 
     def read_cookie(self, cookie: str | None) -> StickyToken | None:
         """The valid sticky token in ``cookie``, or None; never raises."""
-        if cookie is None or self.codec is None or self.sticky_mode is StickyMode.OFF:
+        codec = self._codec_in_use
+        if cookie is None or codec is None:
             return None
-        return self.codec.loads(cookie, max_age=self.sticky_ttl)
+        return codec.loads(cookie, max_age=self._sticky_ttl)
 
     def needs_write_position(self, scope: RequestScope | None = None) -> bool:
         """Whether the response must carry the primary's WAL position (ask it first).
@@ -370,8 +389,8 @@ class Router:
         return (
             scope is not None
             and scope.wrote
-            and self.codec is not None
-            and self.sticky_mode is StickyMode.WAL
+            and self._codec is not None
+            and self._sticky_mode is StickyMode.WAL
         )
 
     def cookie_update(

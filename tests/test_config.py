@@ -189,6 +189,18 @@ def test_init_app_later_and_options_as_defaults(tmp_path):
     assert router.config.cookie_name == "theirs"
 
 
+def test_cookie_settings_are_fixed_once_the_router_is_made(tmp_path):
+    """The request path works out what it needs of them once: changing one later
+    would leave the router half on the old value, so it is refused."""
+    app = _app(tmp_path)
+    router = FlaskReplicated(app).router(app)
+    for name, value in [("sticky_mode", StickyMode.OFF), ("sticky_ttl", 1.0), ("codec", None)]:
+        with pytest.raises(AttributeError):
+            setattr(router, name, value)
+    with pytest.raises(AttributeError):
+        router.health.probing = True  # type: ignore[misc]
+
+
 def test_defaults():
     config = load_config({})
     assert config.primary_bind == "master"
