@@ -76,9 +76,9 @@ def _router_of_session(session: Session) -> Router | None:
     return router if isinstance(router, Router) else None
 
 
-def _sticky_cookie(headers: list[str], router: Router) -> str | None:
+def _sticky_cookie(headers: list[str], name: str) -> str | None:
     # HTTP/2 clients may split cookies over several headers, as Werkzeug knows.
-    return find_cookie(";".join(headers), router.config.cookie_name) if headers else None
+    return find_cookie(";".join(headers), name) if headers else None
 
 
 class QuartReplicated:
@@ -139,15 +139,12 @@ class QuartReplicated:
             bind_engines=other,
             **self._session_options,
         )
-        self._apps[app] = _AppState(router, engines, by_node, sessions)
+        state = _AppState(router, engines, by_node, sessions)
+        self._apps[app] = state
         app.extensions["replicated"] = self
-        request_started.connect(self._request_started, app, weak=False)
-        websocket_started.connect(self._websocket_started, app, weak=False)
-        app.after_request(self._after_request)
-        request_tearing_down.connect(self._tearing_down, app, weak=False)
-        websocket_tearing_down.connect(self._tearing_down, app, weak=False)
+        _hook(app, state)
         app.cli.add_command(self._cli())
-        app.teardown_appcontext(self._close_session)
+        app.teardown_appcontext(_close_session)
         app.after_serving(self._dispose)
 
     # -- public ------------------------------------------------------------------
@@ -229,59 +226,6 @@ class QuartReplicated:
         target = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
         return self._apps[target]
 
-    # -- hooks, in request order; all async: a sync hook's contextvars are lost ----
-
-    async def _request_started(self, app: Quart, **extra: Any) -> None:
-        state = self._apps[app]
-        router = state.router
-        req = request._get_current_object()  # type: ignore[attr-defined]
-        endpoint = req.endpoint
-        view = app.view_functions.get(endpoint) if endpoint is not None else None
-        facts = router.facts(req.method, endpoint, view)
-        if router.needs_positions(facts):
-            await router.health.refresh_async(state.probe_replica)
-        router.begin(facts, _sticky_cookie(req.headers.getlist("Cookie"), router))
-
-    async def _websocket_started(self, app: Quart, **extra: Any) -> None:
-        router = self._apps[app].router
-        endpoint = websocket.endpoint
-        view = app.view_functions.get(endpoint) if endpoint is not None else None
-        facts = router.facts("WEBSOCKET", endpoint, view, websocket=True)
-        if router.needs_positions(facts):
-            await router.health.refresh_async(self._apps[app].probe_replica)
-        router.begin(facts, _sticky_cookie(websocket.headers.getlist("Cookie"), router))
-
-    async def _after_request(self, response: Response) -> Response:
-        state = self._state()
-        router = state.router
-        scope = router.scope()
-        if scope is None:
-            return response
-        header = router.config.debug_header
-        if header is not None:
-            response.headers[header] = scope.decision.node.name
-        if scope.wrote or scope.decision.drop_cookie:
-            lsn = await state.write_position() if router.needs_write_position(scope) else None
-            path = current_app.config["APPLICATION_ROOT"] or "/"
-            update = router.cookie_update(lsn, secure=request.is_secure, path=path, scope=scope)
-            if update is not None:
-                update.apply(response)
-        return response
-
-    async def _tearing_down(self, app: Quart, **extra: Any) -> None:
-        self._apps[app].router.end()
-
-    async def _close_session(self, exc: BaseException | None) -> None:
-        session: AsyncSession | None = g.pop(_SESSION_KEY, None)
-        if session is None:
-            return
-        try:
-            await session.close()
-        except Exception as error:
-            if not lost_connection(error):
-                raise
-            logger.debug("A connection died after its request's work: %s", error.__class__)
-
     async def _dispose(self) -> None:
         await self.dispose()
 
@@ -293,3 +237,69 @@ class QuartReplicated:
         """
         for engine in self._state(app).engines.values():
             await engine.dispose()
+
+
+# -- hooks, in request order; all async: a sync hook's contextvars are lost --------
+#
+# Plain functions over the app's state, not bound methods: Quart and blinker check
+# every hook with ``inspect.iscoroutinefunction`` on every request, which unwraps a
+# method first, and the state is then at hand without a lookup by app.
+
+
+def _hook(app: Quart, state: _AppState) -> None:
+    """Connect the per-request hooks of ``app``."""
+    router = state.router
+    cookie_name = router.config.cookie_name
+    debug_header = router.config.debug_header
+
+    async def request_started_(sender: Quart, **extra: Any) -> None:
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        endpoint = req.endpoint
+        view = sender.view_functions.get(endpoint) if endpoint is not None else None
+        facts = router.facts(req.method, endpoint, view)
+        if router.needs_positions(facts):
+            await router.health.refresh_async(state.probe_replica)
+        router.begin(facts, _sticky_cookie(req.headers.getlist("Cookie"), cookie_name))
+
+    async def websocket_started_(sender: Quart, **extra: Any) -> None:
+        endpoint = websocket.endpoint
+        view = sender.view_functions.get(endpoint) if endpoint is not None else None
+        facts = router.facts("WEBSOCKET", endpoint, view, websocket=True)
+        if router.needs_positions(facts):
+            await router.health.refresh_async(state.probe_replica)
+        router.begin(facts, _sticky_cookie(websocket.headers.getlist("Cookie"), cookie_name))
+
+    async def after_request(response: Response) -> Response:
+        scope = router.scope()
+        if scope is None:
+            return response
+        if debug_header is not None:
+            response.headers[debug_header] = scope.decision.node.name
+        if scope.wrote or scope.decision.drop_cookie:
+            lsn = await state.write_position() if router.needs_write_position(scope) else None
+            path = current_app.config["APPLICATION_ROOT"] or "/"
+            update = router.cookie_update(lsn, secure=request.is_secure, path=path, scope=scope)
+            if update is not None:
+                update.apply(response)
+        return response
+
+    async def tearing_down(sender: Quart, **extra: Any) -> None:
+        router.end()
+
+    request_started.connect(request_started_, app, weak=False)
+    websocket_started.connect(websocket_started_, app, weak=False)
+    app.after_request(after_request)
+    request_tearing_down.connect(tearing_down, app, weak=False)
+    websocket_tearing_down.connect(tearing_down, app, weak=False)
+
+
+async def _close_session(exc: BaseException | None) -> None:
+    session: AsyncSession | None = g.pop(_SESSION_KEY, None)
+    if session is None:
+        return
+    try:
+        await session.close()
+    except Exception as error:
+        if not lost_connection(error):
+            raise
+        logger.debug("A connection died after its request's work: %s", error.__class__)
