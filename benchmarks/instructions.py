@@ -17,7 +17,7 @@ blur the count), and calls ``os.getppid()`` before each batch, so that
 The routed POST sets a time-mode sticky cookie, signed at most once a second: a
 batch that runs slowly under valgrind signs a few; the rest reuse it.
 
-Two runs of the same code count within about 1,000 instructions of each other. The
+Two runs of the same code count within about 2,000 instructions of each other. The
 batch size moves the figures more (a GET's added count was 25,600 with batches of
 100 and 32,300 with 300, the default), so compare versions with the same command.
 """
