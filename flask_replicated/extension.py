@@ -59,7 +59,7 @@ class FlaskReplicated:
         Raises ``ConfigError`` naming the key for bad config, and RuntimeError when
         Flask-SQLAlchemy was not set up on the app first.
         """
-        if app in self._routers:
+        if "replicated" in app.extensions:
             raise RuntimeError("FlaskReplicated is already set up on this app.")
         db = app.extensions.get("sqlalchemy")
         if not isinstance(db, SQLAlchemy):

@@ -110,9 +110,11 @@ class QuartReplicated:
     def init_app(self, app: Quart) -> None:
         """Read the app's config once, check it, create the engines, hook the app.
 
-        Raises ``ConfigError`` naming the key for bad config. Engines are disposed
-        when the app stops serving.
+        Raises ``ConfigError`` naming the key for bad config, and RuntimeError when
+        the app has a router already. Engines are disposed when the app stops serving.
         """
+        if "replicated" in app.extensions:
+            raise RuntimeError("QuartReplicated is already set up on this app.")
         for key, value in {**DEFAULTS, **self._settings}.items():
             app.config.setdefault(key, value)
         config = load_config(app.config)

@@ -213,3 +213,33 @@ def test_defaults():
     assert config.replica_downtime == 30
     assert StickyMode.AUTO.resolve(primary_is_postgresql=True) is StickyMode.WAL
     assert StickyMode.AUTO.resolve(primary_is_postgresql=False) is StickyMode.TIME
+
+
+def test_a_second_router_on_the_same_app_is_refused(tmp_path):
+    """Two routers would both hook every request: the second set-up fails instead,
+    whether it is the same extension object or another one."""
+    app = _app(tmp_path)
+    rep = FlaskReplicated(app)
+    for again in (lambda: rep.init_app(app), lambda: FlaskReplicated(app)):
+        with pytest.raises(RuntimeError, match="already set up on this app"):
+            again()
+
+
+def test_a_second_quart_router_on_the_same_app_is_refused(tmp_path):
+    from quart import Quart
+
+    from quart_replicated import QuartReplicated
+
+    app = Quart(__name__)
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=f"sqlite+aiosqlite:///{tmp_path / 'p.sqlite3'}",
+        SQLALCHEMY_BINDS={
+            "master": f"sqlite+aiosqlite:///{tmp_path / 'p.sqlite3'}",
+            "slave": f"sqlite+aiosqlite:///{tmp_path / 'r.sqlite3'}",
+        },
+    )
+    rep = QuartReplicated(app)
+    for again in (lambda: rep.init_app(app), lambda: QuartReplicated(app)):
+        with pytest.raises(RuntimeError, match="already set up on this app"):
+            again()
+    assert app.extensions["replicated"] is rep
