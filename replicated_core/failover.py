@@ -2,9 +2,10 @@
 
 A statement is retried on another node only when it is the first of its session's
 transaction (nothing has run there, so rolling back loses nothing; SQLAlchemy begins
-the transaction as soon as an object is added or changed) and the request sent it to
-the replica that failed. A later statement that fails propagates its error; the next
-position check or first statement on that replica marks it down.
+the transaction as soon as an object is added or changed), the request sent it to
+the replica that failed, and the view did not bind it to an engine itself. A later
+statement that fails propagates its error; the next position check or first
+statement on that replica marks it down.
 
 The retry wraps the session's ``execute``, ``scalar`` and ``scalars``, the three
 doors every ORM read goes through (``get``, ``Query`` and lazy loads call
@@ -130,7 +131,11 @@ def _retrying(method: Callable[..., Any], router_of: Callable[[Session], Router 
             try:
                 return method(session, *args, **kwargs)
             except Exception as error:
-                if not retry or not _ready_to_retry(session, error, router_of):
+                if (
+                    not retry
+                    or _bound_by_caller(kwargs.get("bind_arguments"))
+                    or not _ready_to_retry(session, error, router_of)
+                ):
                     raise
                 retry = False  # once
 
@@ -176,7 +181,11 @@ def _retrying_execute(
                     _add_event=_add_event,
                 )
             except Exception as error:
-                if not retry or not _ready_to_retry(session, error, router_of):
+                if (
+                    not retry
+                    or _bound_by_caller(bind_arguments)
+                    or not _ready_to_retry(session, error, router_of)
+                ):
                     raise
                 retry = False  # once
 
@@ -187,6 +196,12 @@ def _retrying_execute(
 def _shape(parameters: Mapping[str, inspect.Parameter]) -> list[tuple[str, object, object]]:
     """Name, kind and default of each parameter after the first (self)."""
     return [(p.name, p.kind, p.default) for p in list(parameters.values())[1:]]
+
+
+def _bound_by_caller(bind_arguments: Any) -> bool:
+    """Whether the caller chose the statement's engine (``bind_arguments={"bind":
+    ...}``): rerouting cannot move it, so a retry would only fail again."""
+    return isinstance(bind_arguments, dict) and bind_arguments.get("bind") is not None
 
 
 def _ready_to_retry(

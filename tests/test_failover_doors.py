@@ -114,10 +114,12 @@ async def test_quart_reads_fail_over_through_every_door(broken, door):
     assert not router.health.usable("slave")
 
 
-def test_no_retry_when_the_replica_was_chosen_by_the_view(broken):
-    """A POST that sends one statement to a replica itself (``bind_arguments``) gets
-    its error after one attempt: rerouting the request would not move that statement,
-    so a retry would only wait for the replica a second time."""
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_no_retry_when_the_replica_was_chosen_by_the_view(broken, method):
+    """A statement the view binds to a replica itself (``bind_arguments``) gets its
+    error after one attempt, whether the request writes (POST) or reads from that
+    same replica (GET): rerouting cannot move the statement, so a retry would only
+    wait for the failing replica a second time."""
     app = make_flask_app(broken)
     router = app.extensions["replicated"].router(app)
     attempts = []
@@ -125,7 +127,7 @@ def test_no_retry_when_the_replica_was_chosen_by_the_view(broken):
         replica = app.db.engines["slave"]
     sa.event.listen(replica, "do_connect", lambda *args: attempts.append(1))
 
-    @app.post("/pinned")
+    @app.route("/pinned", methods=["GET", "POST"])
     def pinned():
         query = sa.select(app.Item.name)
         try:
@@ -134,7 +136,7 @@ def test_no_retry_when_the_replica_was_chosen_by_the_view(broken):
             return "raised"
         return "no error"
 
-    assert app.test_client().post("/pinned").text == "raised"
+    assert app.test_client().open("/pinned", method=method).text == "raised"
     assert attempts == [1]
     assert router.metrics().get("retries", 0) == 0
 
