@@ -10,16 +10,18 @@ can, and they tracked the overhead while it was cut:
   message, when valgrind is not installed (Debian: ``apt-get install valgrind``).
 
 For instructions the script runs itself under callgrind as ``--child``: it warms
-both apps up, freezes the garbage collector (a collection landing in one batch would
-blur the count), and calls ``os.getppid()`` before each batch, so that
-``--dump-before=getppid`` writes each batch to a dump of its own.
+both apps up, moves every object made so far out of the garbage collector's sight
+(``gc.freeze()``: the collections that still run walk only what the batches make),
+and calls ``os.getppid()`` before each batch, so that ``--dump-before=getppid``
+writes each batch to a dump of its own.
 
 The routed POST sets a time-mode sticky cookie, signed at most once a second: a
 batch that runs slowly under valgrind signs a few; the rest reuse it.
 
-Two runs of the same code count within about 2,000 instructions of each other. The
-batch size moves the figures more (a GET's added count was 25,600 with batches of
-100 and 32,300 with 300, the default), so compare versions with the same command.
+Two runs of the same code count within about 2,000 instructions of each other (a
+GET's added count, on 2026-12-02: 32,300, then 30,700). The batch size moves the
+figures more (25,600 with batches of 100 instead of 300, the default), so compare
+versions with the same command.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._apps import flask_app, sqlite_urls
-from ._common import banner, parse_args, scratch_dir, table
+from ._common import ROOT, banner, parse_args, scratch_dir, table
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -142,8 +144,15 @@ def count_instructions(size: int) -> list[float] | None:
             str(size),
         ]
         env = {**os.environ, "PYTHONHASHSEED": "0"}
-        subprocess.run(command, check=True, env=env, capture_output=True)
-        # Dumps: out.1 is start-up and warm-up, out.2 to out.5 the batches.
+        done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"valgrind failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        # A dump before each getppid() call: out.1 is start-up and warm-up, out.2 to
+        # out.5 the batches; what follows the last call goes to the unnumbered dump.
+        # Another getppid() call on the way would shift them, so count them.
+        dumps = sorted(p.name for p in Path(folder).glob(f"{out.name}.*"))
+        if len(dumps) != 1 + len(CASES):
+            raise RuntimeError(f"expected {1 + len(CASES)} numbered dumps, got {dumps}")
         totals = [dump_total(Path(f"{out}.{n}")) for n in range(2, 2 + len(CASES))]
     return [total / size for total in totals]
 
