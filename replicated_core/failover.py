@@ -131,11 +131,8 @@ def _retrying(method: Callable[..., Any], router_of: Callable[[Session], Router 
             try:
                 return method(session, *args, **kwargs)
             except Exception as error:
-                if (
-                    not retry
-                    or _bound_by_caller(kwargs.get("bind_arguments"))
-                    or not _ready_to_retry(session, error, router_of)
-                ):
+                bound = kwargs.get("bind_arguments")
+                if not retry or not _ready_to_retry(session, error, router_of, bound):
                     raise
                 retry = False  # once
 
@@ -181,11 +178,7 @@ def _retrying_execute(
                     _add_event=_add_event,
                 )
             except Exception as error:
-                if (
-                    not retry
-                    or _bound_by_caller(bind_arguments)
-                    or not _ready_to_retry(session, error, router_of)
-                ):
+                if not retry or not _ready_to_retry(session, error, router_of, bind_arguments):
                     raise
                 retry = False  # once
 
@@ -198,20 +191,21 @@ def _shape(parameters: Mapping[str, inspect.Parameter]) -> list[tuple[str, objec
     return [(p.name, p.kind, p.default) for p in list(parameters.values())[1:]]
 
 
-def _bound_by_caller(bind_arguments: Any) -> bool:
-    """Whether the caller chose the statement's engine (``bind_arguments={"bind":
-    ...}``): rerouting cannot move it, so a retry would only fail again."""
-    return isinstance(bind_arguments, dict) and bind_arguments.get("bind") is not None
-
-
 def _ready_to_retry(
-    session: Session, error: Exception, router_of: Callable[[Session], Router | None]
+    session: Session,
+    error: Exception,
+    router_of: Callable[[Session], Router | None],
+    bind_arguments: Any,
 ) -> bool:
     """After the first statement of ``session``'s transaction raised ``error``: whether
     it may run again, on another node (then the session is rolled back and the
     request rerouted). Only an error a replica raised is retried, and only when the
     request (or block) sends its reads there: the primary's, a bad query's, or that
-    of a replica the view chose itself propagates as it is."""
+    of a replica the view chose itself propagates as it is. A statement the caller
+    bound to an engine (``bind_arguments={"bind": ...}``) is never retried:
+    rerouting cannot move it."""
+    if isinstance(bind_arguments, dict) and bind_arguments.get("bind") is not None:
+        return False
     node = _failed_replica(error)
     failure = classify_failure(error) if node is not None else None
     router = router_of(session) if failure is not None else None
