@@ -13,7 +13,14 @@ doors every ORM read goes through (``get``, ``Query`` and lazy loads call
 build an execution state and pre-process every statement twice, whether or not it
 ever fails: the wrapper costs one ``in_transaction()`` check. Which replica failed is
 told by the router's ``handle_error`` listener on the replica engines, which tags
-the error with its node.
+the error with its node and with whether it was raised while connecting.
+
+Only a connection-level failure is a replica failure, on every backend: a connect
+that failed, a connection SQLAlchemy's dialect found broken (``is_disconnect``, seen
+as ``connection_invalidated``), or a PostgreSQL "connection exception" or "server
+shut down" error. A bad query (a missing table, a syntax error) is the view's error,
+raised from the replica as it is: SQLite's driver errors carry no SQLSTATE, so the
+kind of exception alone cannot tell one from the other.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import functools
 import inspect
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from .intent import current_override, current_scope
 from .routing import Node, Role
@@ -31,6 +38,7 @@ from .routing import Node, Role
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
+    from sqlalchemy.engine import ExceptionContext
     from sqlalchemy.orm import Session
 
     from .router import Router
@@ -39,13 +47,14 @@ __all__ = [
     "Failure",
     "classify_failure",
     "lost_connection",
-    "tag_failed_replica",
+    "note_replica_error",
     "with_failover",
 ]
 
 _RECOVERY_CONFLICT = "40001"
 _SERVER_GONE = frozenset({"57P01", "57P02", "57P03"})
 _NODE_ATTRIBUTE = "_replicated_failed_node"
+_CONNECTING_ATTRIBUTE = "_replicated_failed_to_connect"
 
 
 class Failure(enum.Enum):
@@ -62,11 +71,11 @@ def classify_failure(error: BaseException) -> Failure | None:
     if code == _RECOVERY_CONFLICT and "conflict with recovery" in str(orig):
         return Failure.CONFLICT
     if isinstance(error, DBAPIError) and error.connection_invalidated:
-        return Failure.DOWN
+        return Failure.DOWN  # the dialect's is_disconnect: the connection broke
+    if getattr(error, _CONNECTING_ATTRIBUTE, False):
+        return Failure.DOWN  # the driver could not connect, whatever the reason
     if isinstance(code, str) and (code.startswith("08") or code in _SERVER_GONE):
         return Failure.DOWN
-    if isinstance(error, OperationalError) and code is None:
-        return Failure.DOWN  # the driver failed before the server said anything
     if isinstance(error, OSError):  # TimeoutError and ConnectionRefusedError included
         return Failure.DOWN
     return None
@@ -81,10 +90,16 @@ def lost_connection(error: BaseException) -> bool:
     return classify_failure(error) is Failure.DOWN
 
 
-def tag_failed_replica(error: BaseException | None, node: Node) -> None:
-    """Mark ``error`` as raised by ``node``, a replica (from ``handle_error``)."""
-    if error is not None:
-        setattr(error, _NODE_ATTRIBUTE, node)
+def note_replica_error(context: ExceptionContext, node: Node) -> None:
+    """Tag the error of ``context``, from the ``handle_error`` event of ``node``'s
+    engine (a replica), with that node and with whether it was raised while
+    connecting (SQLAlchemy reports a failed connect with no connection)."""
+    connecting = context.connection is None and not context.is_pre_ping
+    for error in (context.sqlalchemy_exception, context.original_exception):
+        if error is not None:
+            setattr(error, _NODE_ATTRIBUTE, node)
+            if connecting:
+                setattr(error, _CONNECTING_ATTRIBUTE, True)
 
 
 def _failed_replica(error: BaseException) -> Node | None:

@@ -21,7 +21,7 @@ from sqlalchemy import event
 from .config import ReplicatedConfig, StickyMode
 from .counters import Counters
 from .errors import ReplicaWriteError
-from .failover import tag_failed_replica
+from .failover import note_replica_error
 from .health import Health
 from .intent import (
     Intent,
@@ -570,8 +570,7 @@ class Router:
             if code == _READ_ONLY_SQLSTATE:
                 raise ReplicaWriteError(self.write_message(node)) from context.sqlalchemy_exception
             # Failover needs to know which replica failed; the error is what it gets.
-            tag_failed_replica(context.sqlalchemy_exception, node)
-            tag_failed_replica(orig, node)
+            note_replica_error(context, node)
 
         return on_error
 
