@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary, WeakSet
 
 import click
-from flask import Flask, Request, current_app, has_app_context
+from flask import Flask, current_app, has_app_context, has_request_context
 from flask.cli import AppGroup
+from flask.globals import request_ctx
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import text
 
@@ -163,7 +163,7 @@ class _Hooks:
         header = self.header
 
         def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-            scope = router.open(functools.partial(settle, environ))
+            scope = router.open(settle)
 
             def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
                 # Flask calls this inside its request context, after its after_request
@@ -180,16 +180,21 @@ class _Hooks:
 
         return serve
 
-    def settle(self, environ: WSGIEnvironment, scope: RequestScope) -> None:
+    def settle(self, scope: RequestScope) -> None:
         """Decide where the request reads, at its first use of the database.
 
-        Werkzeug keeps the request object in the environ, where Flask's URL matching
-        puts the rule (and so the view) before any hook or view runs. A statement
-        before that goes to the primary, and the request is decided later.
+        The request is found through Flask's request context, not the environ this
+        middleware was given: a middleware installed before this one runs inside it
+        and may hand Flask a copy. Flask's URL matching puts the rule (and so the view)
+        on the request before any hook or view runs. A statement before that goes to
+        the primary, and the request is decided later.
         """
-        req = environ.get("werkzeug.request")
-        if not isinstance(req, Request):
-            return  # before Flask made its request: not yet (the primary meanwhile)
+        if not has_request_context():
+            return  # before Flask pushed its request context: not yet (the primary)
+        ctx = request_ctx._get_current_object()  # type: ignore[attr-defined]
+        if ctx.app is not self.app:
+            return  # another app's request, pushed inside this one's: not this one's
+        req = ctx.request
         rule = req.url_rule
         if rule is not None:
             endpoint = rule.endpoint
@@ -198,7 +203,7 @@ class _Hooks:
             facts = self.router.facts(req.method, None, None)  # a 404 or 405
         else:
             return  # a session interface or URL converter, before the match: not yet
-        raw = environ.get("HTTP_COOKIE")
+        raw = req.environ.get("HTTP_COOKIE")
         self.router.settle(scope, facts, find_cookie(raw, self.cookie) if raw else None)
 
     def respond(
