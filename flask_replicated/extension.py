@@ -75,7 +75,11 @@ class FlaskReplicated:
         default = engines.get(None)
         binds = {key: engine for key, engine in engines.items() if key is not None}
         primary, replicas = build_nodes(config, binds, default)
-        codec = StickyCodec(app.secret_key) if app.secret_key else None
+        codec = (
+            StickyCodec(app.secret_key, fallbacks=app.config.get("SECRET_KEY_FALLBACKS"))
+            if app.secret_key
+            else None
+        )
         router = Router(config, primary, replicas, codec)
         router.probe = probe_replica
         # The one private touch: Flask-SQLAlchemy keeps each app's engines in this

@@ -129,7 +129,11 @@ class QuartReplicated:
             for engine in engines.values():
                 engine.sync_engine.dispose()
             raise
-        codec = StickyCodec(app.secret_key) if app.secret_key else None
+        codec = (
+            StickyCodec(app.secret_key, fallbacks=app.config.get("SECRET_KEY_FALLBACKS"))
+            if app.secret_key
+            else None
+        )
         router = Router(config, primary, replicas, codec)
         by_sync = {id(e.sync_engine): e for e in engines.values()}
         by_node = {n.name: by_sync[id(n.engine)] for n in (primary, *replicas)}

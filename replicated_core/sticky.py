@@ -7,10 +7,23 @@ import binascii
 import functools
 import hashlib
 import hmac
+import logging
+import re
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["CLOCK_SKEW", "MAX_COOKIE_LENGTH", "StickyCodec", "StickyToken", "find_cookie"]
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+__all__ = [
+    "CLOCK_SKEW",
+    "KEY_MISMATCH_WARNING",
+    "MAX_COOKIE_LENGTH",
+    "StickyCodec",
+    "StickyToken",
+    "find_cookie",
+]
 
 # A real token is about 40 characters; anything much longer is not ours.
 MAX_COOKIE_LENGTH = 200
@@ -19,6 +32,21 @@ MAX_COOKIE_LENGTH = 200
 CLOCK_SKEW = 2.0
 _CHECKED_VALUES = 256
 _HEX = frozenset(b"0123456789abcdef")
+# What this codec makes: a position or "t", a stamp of up to 8 bytes and an HMAC-SHA1
+# (20 bytes), base64url without padding. Only a value of this shape whose signature
+# no key matches is reported: anything else is not a sticky cookie at all.
+_SHAPE = re.compile(r"(?:t|[0-9a-f]{1,16})\.[A-Za-z0-9_-]{2,11}\.[A-Za-z0-9_-]{27}")
+
+logger = logging.getLogger("replicated")
+
+KEY_MISMATCH_WARNING = (
+    "A sticky cookie came signed with a key this app does not have, so it was ignored "
+    "and its client may read from a replica that has not caught up with its write. "
+    "Most likely the app servers or their workers do not all have the same SECRET_KEY, "
+    "or SECRET_KEY was changed without keeping the old key in SECRET_KEY_FALLBACKS. "
+    "Give every server and worker the same SECRET_KEY, and list the keys it replaces "
+    "in SECRET_KEY_FALLBACKS. (Logged once.)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,18 +68,31 @@ class StickyCodec:
     over a key derived once, URL-safe base64). It is written out here because the
     library derives the key again and sets up a new HMAC on every call, which the
     overhead benchmark measured at a good part of a sticky request's routing cost.
-    ``loads`` never raises: a missing, garbled, forged, expired or oversized cookie
-    reads as no cookie at all.
+
+    ``secret_key`` signs; it and each of ``fallbacks`` (the app's
+    ``SECRET_KEY_FALLBACKS``, older keys) check, as Flask's session does, so that a
+    key rotation keeps clients sticky. ``loads`` never raises: a missing, garbled,
+    forged, expired or oversized cookie reads as no cookie at all. A value of this
+    codec's shape that no key matches most likely comes from a server with another
+    secret key: that is logged once, as a warning.
     """
 
-    def __init__(self, secret_key: str | bytes, salt: str = "replicated.sticky") -> None:
-        secret = secret_key.encode("utf-8") if isinstance(secret_key, str) else secret_key
-        # itsdangerous's default "django-concat" key derivation.
-        key = hashlib.sha1(salt.encode("utf-8") + b"signer" + secret).digest()
+    def __init__(
+        self,
+        secret_key: str | bytes,
+        salt: str = "replicated.sticky",
+        fallbacks: str | bytes | Iterable[str | bytes] | None = None,
+    ) -> None:
         # Copied for each signature: a copy skips OpenSSL's lookup of the algorithm,
         # which a one-shot hmac.digest() makes on every call (up to 20 us in a busy
         # process).
-        self._hmac = hmac.new(key, digestmod=hashlib.sha1)
+        self._hmac = _keyed_hmac(secret_key, salt)
+        if fallbacks is None:
+            fallbacks = ()
+        elif isinstance(fallbacks, (str, bytes)):
+            fallbacks = (fallbacks,)  # one key, not one key per character
+        self._fallbacks = tuple(_keyed_hmac(key, salt) for key in fallbacks)
+        self._warned = False
         # Time mode signs the same payload all second long: keep the last value.
         self._last: tuple[bytes, int, str] = (b"", -1, "")
         # A client sends the same value with each request until its next write, so
@@ -95,7 +136,9 @@ class StickyCodec:
             raw = value.encode("utf-8")
             body, _, signature = raw.rpartition(b".")
             payload, _, stamp = body.rpartition(b".")
-            if not hmac.compare_digest(self._signature(body), signature):
+            if not self._signed_by_a_key(body, signature):
+                if _SHAPE.fullmatch(value):
+                    self._warn_key_mismatch()
                 return None
             stamp_bytes = _decode(stamp)
         except (ValueError, binascii.Error):  # UnicodeError is a ValueError
@@ -109,10 +152,34 @@ class StickyCodec:
             return None
         return signed_at, StickyToken(lsn=int(payload, 16))
 
-    def _signature(self, body: bytes) -> bytes:
-        mac = self._hmac.copy()
+    def _signature(self, body: bytes, keyed: hmac.HMAC | None = None) -> bytes:
+        mac = (keyed or self._hmac).copy()
         mac.update(body)
         return _encode(mac.digest())
+
+    def _signed_by_a_key(self, body: bytes, signature: bytes) -> bool:
+        """Whether ``signature`` is that of ``body`` with the secret key or a fallback."""
+        if hmac.compare_digest(self._signature(body), signature):
+            return True
+        return any(
+            hmac.compare_digest(self._signature(body, keyed), signature)
+            for keyed in self._fallbacks
+        )
+
+    def _warn_key_mismatch(self) -> None:
+        # Once: every request of such a client would say it again. A race between
+        # threads may say it twice, which is harmless.
+        if not self._warned:
+            self._warned = True
+            logger.warning(KEY_MISMATCH_WARNING)
+
+
+def _keyed_hmac(secret_key: str | bytes, salt: str) -> hmac.HMAC:
+    """An HMAC-SHA1 set up with ``secret_key``, derived as itsdangerous does by
+    default ("django-concat"), ready to be copied for each signature."""
+    secret = secret_key.encode("utf-8") if isinstance(secret_key, str) else secret_key
+    key = hashlib.sha1(salt.encode("utf-8") + b"signer" + secret).digest()
+    return hmac.new(key, digestmod=hashlib.sha1)
 
 
 def _encode(data: bytes) -> bytes:
