@@ -12,7 +12,6 @@ command runs as the OS user ``postgres``, which PostgreSQL requires.
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import secrets
 import shutil
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from urllib.parse import quote
 
 if TYPE_CHECKING:
+    import pwd
     from collections.abc import Sequence
     from types import TracebackType
 
@@ -213,6 +213,8 @@ class _Runtime:
     def create(cls, bindir: Path) -> _Runtime:
         os_user = None
         if os.geteuid() == 0:
+            import pwd  # POSIX only: importing this module must work anywhere
+
             try:
                 os_user = pwd.getpwnam(SERVER_OS_USER)
             except KeyError:

@@ -1,7 +1,11 @@
 """pytest fixtures that start real PostgreSQL streaming-replication clusters.
 
 Registered through the ``pytest11`` entry point, so installing the project is enough.
-Without PostgreSQL server binaries the fixtures skip the test, or fail it when the
+That also means every pytest run of every project that installs it loads this module:
+it imports only the standard library and pytest, and the harness
+(``replicated_core.pgcluster``, which needs psycopg and a POSIX system) only when a
+fixture runs. Where the tools are missing (a POSIX system, psycopg, the PostgreSQL
+server binaries) the fixtures skip the test with the reason, or fail it when the
 environment variable ``REPLICATED_REQUIRE_POSTGRES=1`` is set (as CI does).
 """
 
@@ -11,29 +15,57 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from replicated_core.pgcluster import PgCluster, ReplicaSpec, find_bindir
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+    from replicated_core.pgcluster import PgCluster, ReplicaSpec
+
+    ClusterFactory = Callable[[Sequence[ReplicaSpec]], PgCluster]
 
 __all__ = ["pg_cluster", "pg_cluster_factory"]
 
 REQUIRE_POSTGRES_ENV = "REPLICATED_REQUIRE_POSTGRES"
 
-ClusterFactory = Callable[[Sequence[ReplicaSpec]], PgCluster]
+# The harness pauses servers with SIGSTOP and, as root, runs them as another OS user.
+_POSIX = os.name == "posix"
+
+
+def _find_bindir() -> tuple[Path | None, str]:
+    """The PostgreSQL server binaries' directory, or None and why the cluster
+    fixtures cannot run here."""
+    if not _POSIX:
+        return None, (
+            "The PostgreSQL cluster fixtures run only on POSIX systems such as Linux: they"
+            " pause servers with signals and, as root, run them as the OS user 'postgres'."
+        )
+    try:
+        import psycopg  # noqa: F401  (the harness's driver: imported here, not at load)
+    except ImportError:
+        return None, (
+            "The PostgreSQL cluster fixtures need psycopg, which is not installed. Install it"
+            " ('pip install \"replicated-router[postgresql]\"') to run the tests that need it."
+        )
+    from replicated_core import pgcluster
+
+    bindir = pgcluster.find_bindir()
+    if bindir is None:
+        return None, (
+            "PostgreSQL server binaries were not found by 'pg_config --bindir' nor in"
+            " '/usr/lib/postgresql/*/bin'. Install the PostgreSQL server (Debian: 'apt-get"
+            " install postgresql') to run the tests that need it."
+        )
+    return bindir, ""
 
 
 def _bindir_or_skip() -> Path:
-    bindir = find_bindir()
+    bindir, reason = _find_bindir()
     if bindir is not None:
         return bindir
-    reason = (
-        "PostgreSQL server binaries were not found by 'pg_config --bindir' nor in"
-        " '/usr/lib/postgresql/*/bin'. Install the PostgreSQL server (Debian: 'apt-get install"
-        " postgresql') to run the tests that need it."
-    )
     if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":
         pytest.fail(
             f"{reason} {REQUIRE_POSTGRES_ENV}=1 is set, so this fails instead of skipping;"
@@ -51,6 +83,8 @@ def pg_cluster_factory() -> Iterator[ClusterFactory]:
     the end of the session. Use it for tests that stop, pause or break nodes.
     """
     bindir = _bindir_or_skip()
+    from replicated_core.pgcluster import PgCluster
+
     # Not tmp_path_factory: /tmp/pytest-of-root is private to root, and the servers run as
     # the OS user 'postgres' when the tests run as root.
     root = Path(tempfile.mkdtemp(prefix="replicated-pg-"))
@@ -77,4 +111,6 @@ def pg_cluster(pg_cluster_factory: ClusterFactory) -> PgCluster:
 
     Shared by the whole session: leave its nodes running and unpaused.
     """
+    from replicated_core.pgcluster import ReplicaSpec
+
     return pg_cluster_factory([ReplicaSpec("replica"), ReplicaSpec("lagging", apply_delay_ms=500)])
