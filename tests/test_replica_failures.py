@@ -64,9 +64,7 @@ def test_flask_a_bad_query_on_a_replica_is_the_views_error(flask_app_factory, ba
 
 
 @pytest.mark.parametrize("query", sorted(BAD_QUERIES))
-async def test_quart_a_bad_query_on_a_replica_is_the_views_error(
-    quart_app_factory, backend, query
-):
+async def test_quart_a_bad_query_on_a_replica_is_the_views_error(quart_app_factory, backend, query):
     app = quart_app_factory()
     router = app.rep.router(app)
 
