@@ -6,6 +6,10 @@ is real and visible: after you add an item you are served by the primary until t
 replica has replayed your write, then by the replica again. Without them (or with
 ``--sqlite``), the "replica" is a second SQLite file that a thread copies from the
 primary every ``--lag`` seconds.
+
+It prints "Open ..." once every page works (the server listens and the replica has
+replayed the schema), and removes its temporary folder when it stops: Ctrl-C, SIGTERM
+or an error.
 """
 
 from __future__ import annotations
