@@ -5,6 +5,8 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING
 
+from replicated_core.status import address_of
+
 if TYPE_CHECKING:
     from replicated_core.router import Router
 
@@ -44,5 +46,6 @@ def render_page(router: Router, names: list[str], note: str) -> str:
     node = router.node()
     decision = router.current_decision()
     reason = decision.reason.value if decision is not None else "outside a request"
-    server = node.engine.url.render_as_string(hide_password=True)
+    # As the status command shows it: no user name, no password, no driver.
+    server = address_of(node)
     return render(node.name, node.role.value, server, reason, names, "/items", note)

@@ -18,7 +18,12 @@ from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to
 from replicated_core.failover import lost_connection, with_failover
 from replicated_core.health import describe_error
 from replicated_core.router import Router
-from replicated_core.status import ClusterStatus, build_status, status_queries
+from replicated_core.status import (
+    ClusterStatus,
+    build_status,
+    reported_by_the_table,
+    status_queries,
+)
 from replicated_core.sticky import StickyCodec, find_cookie
 from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
 
@@ -132,7 +137,8 @@ class FlaskReplicated:
         def status(as_json: bool) -> None:
             """Show every node: reachable, in recovery, lag, usable. Exits 1 when the
             primary is unreachable or no replica is usable."""
-            report = self.status()
+            with reported_by_the_table():
+                report = self.status()
             click.echo(report.to_json() if as_json else report.to_table())
             if not report.healthy:
                 raise SystemExit(1)

@@ -26,7 +26,12 @@ from replicated_core.failover import lost_connection, with_failover
 from replicated_core.health import describe_error
 from replicated_core.router import Router
 from replicated_core.session import RoutingSession
-from replicated_core.status import ClusterStatus, build_status, status_queries
+from replicated_core.status import (
+    ClusterStatus,
+    build_status,
+    reported_by_the_table,
+    status_queries,
+)
 from replicated_core.sticky import StickyCodec, find_cookie
 from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
 
@@ -221,7 +226,8 @@ class QuartReplicated:
                 finally:
                     await self.dispose(app)
 
-            report = asyncio.run(run())
+            with reported_by_the_table():
+                report = asyncio.run(run())
             click.echo(report.to_json() if as_json else report.to_table())
             if not report.healthy:
                 raise SystemExit(1)

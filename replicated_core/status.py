@@ -7,26 +7,55 @@ back; this module turns them into a table or JSON, with no credential in either.
 from __future__ import annotations
 
 import json
+import logging
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from .health import describe_error
 from .routing import Node, Role
-from .wal import PRIMARY_STATUS_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
+from .wal import REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
 
+    from .health import ReplicaState
     from .router import Router
 
-__all__ = ["ClusterStatus", "NodeStatus", "build_status", "status_queries"]
+__all__ = [
+    "ClusterStatus",
+    "NodeStatus",
+    "build_status",
+    "reported_by_the_table",
+    "status_queries",
+]
 
 _PLAIN_SQL = "SELECT 1"
+
+# Is the primary really a primary, and how far has it flushed its WAL. The flush
+# position, not the insert position the sticky cookie uses: right after a WAL page or
+# segment boundary the insert position points past the new page's header, which no
+# replica replays, so an idle, caught-up replica looked 40 bytes behind for good.
+# (A standby cannot report either: ask only a server that is not one.)
+_PRIMARY_STATUS_SQL = """\
+SELECT pg_is_in_recovery(),
+       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_flush_lsn()::text END"""
+
+_UNKNOWN = "unknown"
+
+_logger = logging.getLogger("replicated")
 
 
 @dataclass(frozen=True, slots=True)
 class NodeStatus:
-    """One line of the status table."""
+    """One line of the status table.
+
+    ``lag_bytes`` is the WAL the primary has flushed and the replica has not replayed.
+    ``lag_seconds`` is None where nothing tells how long those bytes have waited: one
+    check sees bytes waiting but not since when, so a single ``status`` run (a process
+    of its own) shows bytes and no time until the replica has caught up.
+    """
 
     name: str
     role: str
@@ -86,7 +115,7 @@ class ClusterStatus:
                 n.address,
                 _yes(n.reachable),
                 "-" if n.in_recovery is None else _yes(n.in_recovery),
-                "-" if n.lag_seconds is None else f"{n.lag_seconds:.3f}",
+                _lag_cell(n),
                 "-" if n.lag_bytes is None else str(n.lag_bytes),
                 _yes(n.marked_down),
                 "-" if n.role == Role.PRIMARY.value else _yes(n.usable),
@@ -107,10 +136,36 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+def _lag_cell(node: NodeStatus) -> str:
+    if node.lag_seconds is not None:
+        return f"{node.lag_seconds:.3f}"
+    # Bytes known to wait, for a time nothing has measured yet.
+    return _UNKNOWN if node.lag_bytes else "-"
+
+
+@contextmanager
+def reported_by_the_table() -> Iterator[None]:
+    """Hold back this thread's ``replicated`` log lines while the status command runs.
+
+    The command's table reports every node it finds down or misconfigured; the same
+    news as a log line on the terminal would say it twice. Other threads log as usual.
+    """
+    thread = threading.get_ident()
+
+    def other_threads(record: logging.LogRecord) -> bool:
+        return record.thread != thread
+
+    _logger.addFilter(other_threads)
+    try:
+        yield
+    finally:
+        _logger.removeFilter(other_threads)
+
+
 def status_queries(router: Router) -> dict[str, str]:
     """The SQL to run on each node, by node name."""
     postgres = router.health.probing
-    queries = {router.primary.name: PRIMARY_STATUS_SQL if postgres else _PLAIN_SQL}
+    queries = {router.primary.name: _PRIMARY_STATUS_SQL if postgres else _PLAIN_SQL}
     for node in router.replicas:
         queries[node.name] = REPLICA_PROBE_SQL if postgres else _PLAIN_SQL
     return queries
@@ -134,11 +189,13 @@ def build_status(
             nodes.append(_unreachable(node, row, secrets, marked_down=True))
             continue
         probe = ReplicaProbe.from_row(row) if postgres else None
+        checked_at = router.health.clock()
         if probe is not None:
             router.health.record(node, probe)
         lag_bytes = probe.lag_bytes if probe is not None else None
         if probe is not None and primary_lsn is not None and probe.replay_lsn is not None:
             lag_bytes = max(0, primary_lsn - probe.replay_lsn)
+        state = router.health.states[node.name]
         nodes.append(
             NodeStatus(
                 name=node.name,
@@ -146,9 +203,7 @@ def build_status(
                 address=address_of(node),
                 reachable=True,
                 in_recovery=probe.in_recovery if probe is not None else None,
-                lag_seconds=router.health.states[node.name].lag_seconds
-                if probe is not None
-                else None,
+                lag_seconds=_lag_seconds(state, lag_bytes, checked_at),
                 lag_bytes=lag_bytes,
                 marked_down=False,
                 usable=router.health.usable(node.name),
@@ -158,6 +213,26 @@ def build_status(
             )
         )
     return ClusterStatus(router.sticky_mode.value, tuple(nodes))
+
+
+def _lag_seconds(state: ReplicaState, lag_bytes: int | None, checked_at: float) -> float | None:
+    """How long the replica has been behind, where the checks so far can tell; else None.
+
+    Bytes waiting have a known age only when an earlier check, not the first of this
+    process, saw the oldest of them arrive: the first check cannot tell how long the
+    replica was already behind (the server's "age of the last replayed commit" counts
+    an idle primary's quiet time), and the check that first sees them, how long they
+    waited before it.
+    """
+    if lag_bytes is None:
+        return None
+    if lag_bytes == 0:
+        return 0.0
+    if state.waiting:
+        since = state.waiting[0][1]
+        if since != state.first_seen and since < checked_at:
+            return state.lag_seconds
+    return None
 
 
 def _primary_status(

@@ -81,16 +81,17 @@ def test_flask_status_fails_when_no_replica_is_usable(postgresql_backend, pg_clu
 def test_a_replica_that_is_a_primary_is_reported_and_logged_once(
     postgresql_backend, pg_cluster, caplog
 ):
-    """The replica bind points at another database of the primary server."""
+    """The replica bind points at another database of the primary server. The requests
+    log it; the status command, which reports it in its table, does not log it again."""
     postgresql_backend.urls["not-a-standby"] = pg_cluster.primary.url("psycopg", "postgres")
     try:
         app = make_flask_app(postgresql_backend, replica="not-a-standby")
     finally:
         del postgresql_backend.urls["not-a-standby"]
     with caplog.at_level(logging.WARNING, logger="replicated"):
-        result = _flask_status(app)
         client = app.test_client()
         served = {client.get("/who").text for _ in range(3)}
+        result = _flask_status(app)
     assert result.exit_code == 1
     assert "slave: not in recovery: this is a primary, not a replica" in result.output
     warnings = [r.getMessage() for r in caplog.records if "not in recovery" in r.getMessage()]
