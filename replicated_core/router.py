@@ -663,26 +663,25 @@ class Router:
         change (``SET``, ``RESET``, ``ATTACH``, ``DETACH``).
         """
         write = kind is StatementKind.WRITE
-        what, why = _REFUSALS[kind]
+        subject, did, why = _REFUSALS[kind]
         override = current_override()
         if override is not None and override.intent is Intent.REPLICA:
             return (
-                f"{what} was sent to the replica '{node.name}' inside 'use_replica()'{why}. "
-                f"Move {'the write' if write else 'it'} out of the 'use_replica()' block or "
-                "wrap it in 'use_primary()'."
+                f"{subject} was sent to the replica '{node.name}' inside 'use_replica()'"
+                f"{why}. Move {'the write' if write else 'it'} out of the 'use_replica()' "
+                "block or wrap it in 'use_primary()'."
             )
         scope = current_scope()
         if scope is not None and scope.decision.node is node:
             facts = scope.facts
             request = "websocket" if facts.websocket else f"{facts.method} request"
-            did = "wrote to the database" if write else f"sent {what[0].lower()}{what[1:]}"
             return (
                 f"The view '{facts.view}' {did} during a {request}, which is routed to a "
                 f"replica{why}. Decorate it with '@changes_database' or wrap the "
                 f"{'write' if write else 'statement'} in 'use_primary()'."
             )
         return (
-            f"{what} was sent to the replica '{node.name}'"
+            f"{subject} was sent to the replica '{node.name}'"
             f"{', which only serves reads' if write else why}. Send it to the primary: "
             "wrap it in 'use_primary()'."
         )
@@ -698,18 +697,22 @@ _TXID_SQL = "SELECT txid_current_if_assigned() IS NOT NULL"  # before PostgreSQL
 # the pooled connection's info.
 _COMMITTED = "replicated_committed_scope"
 
-# What a refused statement is, and why a replica is the wrong place for it.
-_REFUSALS: dict[StatementKind, tuple[str, str]] = {
-    StatementKind.WRITE: ("A write", ""),
+# What a refused statement is, what a view that sent it did, and why a replica is
+# the wrong place for it.
+_REFUSALS: dict[StatementKind, tuple[str, str, str]] = {
+    StatementKind.WRITE: ("A write", "wrote to the database", ""),
     StatementKind.LOCK: (
         "An advisory lock",
+        "took an advisory lock",
         ": a lock taken on a replica coordinates nothing with the primary",
     ),
     StatementKind.SESSION: (
         "A session-level 'SET', 'RESET', 'ATTACH' or 'DETACH'",
-        ": it would outlive the request on a pooled replica connection ('SET LOCAL' would not)",
+        "changed its database session ('SET', 'RESET', 'ATTACH' or 'DETACH')",
+        ": the change would outlive the request on a pooled replica connection "
+        "('SET LOCAL' would not)",
     ),
-    StatementKind.READ: ("A read", ""),
+    StatementKind.READ: ("A read", "read", ""),
 }
 
 
