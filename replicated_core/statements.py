@@ -82,7 +82,8 @@ _SET_SCOPED = re.compile(
     r"SET\s+(?:LOCAL\b|TRANSACTION\b|SESSION\s+CHARACTERISTICS\b|CONSTRAINTS\b)"
 )
 # PRAGMA [schema.]name, then "=" or "(": assignments, except the pragmas whose
-# argument names what to read.
+# argument names what to read, and wal_checkpoint's (how to checkpoint: it moves
+# pages already written, and changes no content).
 _PRAGMA = re.compile(r"PRAGMA\s+(?:\w+\s*\.\s*)?(\w+)\s*([=(]?)")
 _PRAGMA_READS_WITH_ARGUMENT = frozenset(
     {
@@ -96,6 +97,7 @@ _PRAGMA_READS_WITH_ARGUMENT = frozenset(
         "table_info",
         "table_list",
         "table_xinfo",
+        "wal_checkpoint",
     }
 )
 

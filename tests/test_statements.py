@@ -142,6 +142,7 @@ KINDS = [
     ("PRAGMA table_info(items)", StatementKind.READ),
     ('PRAGMA main.table_xinfo("items")', StatementKind.READ),
     ("PRAGMA main.index_list('items')", StatementKind.READ),
+    ("PRAGMA wal_checkpoint(TRUNCATE)", StatementKind.READ),
     ("ATTACH DATABASE 'other.db' AS other", StatementKind.SESSION),
     ("DETACH DATABASE other", StatementKind.SESSION),
     ("COPY items FROM '/tmp/items.csv'", StatementKind.WRITE),
