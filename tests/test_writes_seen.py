@@ -180,11 +180,18 @@ def _flask_writer_app(backend: Any, barrier: threading.Barrier | None = None, **
     return app
 
 
+IDLE_IN_TRANSACTION = (
+    "SELECT count(*) FROM pg_stat_activity "
+    "WHERE datname = 'app' AND state LIKE 'idle in transaction%'"
+)
+
+
 def test_flask_one_connection_pool_answers_with_a_wal_cookie(
-    postgresql_backend: Any, caplog: pytest.LogCaptureFixture
+    postgresql_backend: Any, pg_cluster: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """pool_size=1, max_overflow=0: the position is read on the request's own
-    connection, so the POST neither waits for the pool nor falls back to time mode."""
+    connection, so the POST neither waits for the pool nor falls back to time mode;
+    and reading it leaves no transaction open on the pooled connection."""
     app = _flask_writer_app(postgresql_backend, pool_size=1, max_overflow=0)
     try:
         client = app.test_client()
@@ -195,6 +202,7 @@ def test_flask_one_connection_pool_answers_with_a_wal_cookie(
         assert token is not None
         assert token.lsn is not None
         assert caplog.messages == []
+        assert pg_cluster.execute(pg_cluster.primary, IDLE_IN_TRANSACTION) == [(0,)]
     finally:
         dispose_flask_app(app)
 
@@ -245,7 +253,7 @@ def _quart_writer_app(backend: Any, barrier: asyncio.Barrier | None = None, **po
 
 
 async def test_quart_one_connection_pool_answers_with_a_wal_cookie(
-    postgresql_backend: Any, caplog: pytest.LogCaptureFixture
+    postgresql_backend: Any, pg_cluster: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = _quart_writer_app(postgresql_backend, pool_size=1, max_overflow=0)
     async with app.test_app():
@@ -256,6 +264,7 @@ async def test_quart_one_connection_pool_answers_with_a_wal_cookie(
         assert token is not None
         assert token.lsn is not None
         assert caplog.messages == []
+        assert pg_cluster.execute(pg_cluster.primary, IDLE_IN_TRANSACTION) == [(0,)]
         await app.rep.dispose(app)
 
 
