@@ -12,7 +12,7 @@ import enum
 import functools
 import re
 
-__all__ = ["StatementKind", "classify_sql", "is_write_sql"]
+__all__ = ["StatementKind", "classify_sql", "is_write_sql", "skeleton"]
 
 
 class StatementKind(enum.Enum):
