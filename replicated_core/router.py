@@ -594,13 +594,14 @@ class Router:
                 return
             scope.wrote = True
         if scope.answered:
-            self._warn_late_commit(scope)
+            if self._codec_in_use is not None:
+                self._warn_late_commit(scope)
         elif self._sticky_mode is StickyMode.WAL and self._codec is not None:
             conn.info[_COMMITTED] = scope
 
     def _on_primary_reset(self, dbapi_connection: Any, record: Any, state: Any) -> None:
         scope = record.info.pop(_COMMITTED, None)
-        if scope is None or not state.asyncio_safe or state.terminate_only:
+        if scope is None or scope.closed or not state.asyncio_safe or state.terminate_only:
             return
         try:
             lsn = parse_lsn(_scalar_outside_transaction(dbapi_connection, PRIMARY_POSITION_SQL))
