@@ -208,10 +208,12 @@ def test_flask_one_connection_pool_answers_with_a_wal_cookie(
 
 
 def test_flask_fifteen_concurrent_writers_all_get_wal_cookies(postgresql_backend: Any) -> None:
-    """Default pools (5 + 10 overflow): 15 writers hold all 15 connections at once."""
+    """SQLAlchemy's default pool sizes (5 + 10 overflow), spelled out so that the
+    app-wide engine options do not change them: 15 writers hold all 15 connections
+    at once."""
     writers = 15
     barrier = threading.Barrier(writers)
-    app = _flask_writer_app(postgresql_backend, barrier)
+    app = _flask_writer_app(postgresql_backend, barrier, pool_size=5, max_overflow=10)
 
     def post(_: int) -> str:
         client = app.test_client()
@@ -273,7 +275,7 @@ async def test_quart_fifteen_concurrent_writers_all_get_wal_cookies(
 ) -> None:
     writers = 15
     barrier = asyncio.Barrier(writers)
-    app = _quart_writer_app(postgresql_backend, barrier)
+    app = _quart_writer_app(postgresql_backend, barrier, pool_size=5, max_overflow=10)
 
     async def post() -> str:
         response = await app.test_client().post("/add")
