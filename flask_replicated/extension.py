@@ -16,7 +16,6 @@ from sqlalchemy import text
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to_settings
 from replicated_core.failover import lost_connection, with_failover
-from replicated_core.health import describe_error
 from replicated_core.router import Router
 from replicated_core.status import (
     ClusterStatus,
@@ -25,7 +24,7 @@ from replicated_core.status import (
     status_queries,
 )
 from replicated_core.sticky import StickyCodec, find_cookie
-from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
+from replicated_core.wal import REPLICA_PROBE_SQL, ReplicaProbe
 
 from .engines import RoutedEngines
 
@@ -178,6 +177,7 @@ class _Hooks:
             def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
                 # Flask calls this inside its request context, after its after_request
                 # hooks: the last moment a write can still set the cookie.
+                scope.answered = True
                 decision = scope.settled_decision
                 if scope.wrote or header or (decision is not None and decision.drop_cookie):
                     respond(scope, environ, headers)
@@ -230,7 +230,8 @@ class _Hooks:
         decision = scope.settled_decision
         if scope.wrote or (decision is not None and decision.drop_cookie):
             router = self.router
-            lsn = write_position(router) if self.wal and scope.wrote else None
+            # Read on the connection that committed, as it went back to the pool.
+            lsn = scope.position if self.wal else None
             path = self.app.config["APPLICATION_ROOT"] or "/"
             # What request.is_secure reads, after any proxy fix-up of the environ.
             secure = environ.get("wsgi.url_scheme") in ("https", "wss")
@@ -271,17 +272,3 @@ def probe_replica(node: Node) -> ReplicaProbe:
     with node.engine.connect() as conn:
         row = conn.execute(text(REPLICA_PROBE_SQL)).one()
     return ReplicaProbe.from_row(tuple(row))
-
-
-def write_position(router: Router) -> int | None:
-    """The primary's WAL position after this request's writes; None if it cannot say."""
-    try:
-        with router.primary.engine.connect() as conn:
-            return parse_lsn(conn.execute(text(PRIMARY_POSITION_SQL)).scalar())
-    except Exception as error:
-        logger.warning(
-            "Could not read the primary's WAL position (%s): this client stays on the "
-            "primary for the sticky time instead.",
-            describe_error(error, router.health.secrets),
-        )
-        return None

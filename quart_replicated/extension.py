@@ -23,7 +23,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, load_config, options_to_settings
 from replicated_core.failover import lost_connection, with_failover
-from replicated_core.health import describe_error
 from replicated_core.router import Router
 from replicated_core.session import RoutingSession
 from replicated_core.status import (
@@ -33,7 +32,7 @@ from replicated_core.status import (
     status_queries,
 )
 from replicated_core.sticky import StickyCodec, find_cookie
-from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
+from replicated_core.wal import REPLICA_PROBE_SQL, ReplicaProbe
 
 from .engines import create_engines
 
@@ -61,19 +60,6 @@ class _AppState:
         async with self.by_node[node.name].connect() as conn:
             row = (await conn.execute(text(REPLICA_PROBE_SQL))).one()
         return ReplicaProbe.from_row(tuple(row))
-
-    async def write_position(self) -> int | None:
-        """The primary's WAL position after this request's writes; None if unknown."""
-        try:
-            async with self.by_node[self.router.primary.name].connect() as conn:
-                return parse_lsn((await conn.execute(text(PRIMARY_POSITION_SQL))).scalar())
-        except Exception as error:
-            logger.warning(
-                "Could not read the primary's WAL position (%s): this client stays on the "
-                "primary for the sticky time instead.",
-                describe_error(error, self.router.health.secrets),
-            )
-            return None
 
 
 def _router_of_session(session: Session) -> Router | None:
@@ -285,10 +271,13 @@ def _hook(app: Quart, state: _AppState) -> None:
         scope = router.scope()
         if scope is None:
             return response
+        # The last moment a write can still set the cookie.
+        scope.answered = True
         if debug_header is not None:
             response.headers[debug_header] = scope.decision.node.name
         if scope.wrote or scope.decision.drop_cookie:
-            lsn = await state.write_position() if router.needs_write_position(scope) else None
+            # Read on the connection that committed, as it went back to the pool.
+            lsn = scope.position if router.needs_write_position(scope) else None
             path = current_app.config["APPLICATION_ROOT"] or "/"
             update = router.cookie_update(lsn, secure=request.is_secure, path=path, scope=scope)
             if update is not None:

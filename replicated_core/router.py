@@ -22,7 +22,7 @@ from .config import ReplicatedConfig, StickyMode
 from .counters import Counters
 from .errors import ReplicaWriteError
 from .failover import note_replica_error
-from .health import Health
+from .health import Health, describe_error
 from .intent import (
     Intent,
     current_override,
@@ -42,14 +42,14 @@ from .routing import (
     Role,
     decide,
 )
-from .statements import is_write_sql
+from .statements import StatementKind, classify_sql
 from .sticky import StickyCodec, StickyToken
-from .wal import format_lsn
+from .wal import PRIMARY_POSITION_SQL, format_lsn, parse_lsn
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from sqlalchemy.engine import Engine
+    from sqlalchemy.engine import Connection, Engine
 
     from .wal import ReplicaProbe
 
@@ -185,6 +185,7 @@ class Router:
         self._max_age = math.ceil(self._sticky_ttl)
         # The last time-mode cookie: its second, path and Secure flag, and itself.
         self._time_update: tuple[int, str, bool, CookieUpdate] | None = None
+        self._warned_late_commit = False
         self._install_guards()
 
     # The cookie settings are read-only: what the request path keeps of them is
@@ -530,8 +531,19 @@ class Router:
         # Dialect-level hooks, called right before the driver's execute: unlike
         # before_cursor_execute, they do not switch every connection to SQLAlchemy's
         # slower event-aware path (about 15 us a statement).
+        primary = self.primary.engine
+        pg = primary.dialect.name == "postgresql"
+        note = self._note_write if pg else self._note_write_sqlite
         for hook in _EXECUTE_HOOKS:
-            event.listen(self.primary.engine, hook, self._note_write)
+            event.listen(primary, hook, note)
+        if pg:
+            # What the primary did, not what the text says: a commit asks the
+            # transaction whether it was given an xid (SELECT my_function(), DO $$).
+            event.listen(primary, "commit", self._on_commit)
+            if self._sticky_mode is StickyMode.WAL and self._codec is not None:
+                # The position after the commit, on the connection that committed,
+                # as it goes back to the pool: no second checkout.
+                event.listen(primary.pool, "reset", self._on_primary_reset)
         for node in self.replicas:
             refuse = self._refuse_write(node)
             for hook in _EXECUTE_HOOKS:
@@ -552,14 +564,79 @@ class Router:
     # and do_execute_no_params (cursor, statement, context): named parameters rather
     # than *args, which would build a tuple for every statement.
     def _note_write(self, cursor: Any, statement: str, _a: Any = None, _b: Any = None) -> None:
+        # The cheap first signal: a request known to have written asks the server
+        # nothing at its commit.
         scope = scope_var.get()
-        if scope is not None and not scope.wrote and is_write_sql(statement):
+        if scope is not None and not scope.wrote and classify_sql(statement) is _WRITE:
             scope.wrote = True
 
+    def _note_write_sqlite(
+        self, cursor: Any, statement: str, _a: Any = None, _b: Any = None
+    ) -> None:
+        # SQLite has no transaction ids to ask: the text alone decides.
+        scope = scope_var.get()
+        if (
+            scope is not None
+            and not scope.wrote
+            and classify_sql(statement, postgresql=False) is _WRITE
+        ):
+            scope.wrote = True
+
+    def _on_commit(self, conn: Connection) -> None:
+        scope = scope_var.get()
+        if scope is None or scope.owner is not self or scope.closed:
+            return
+        if not scope.wrote or scope.answered:
+            # One round trip in the committing transaction. An error propagates: the
+            # transaction is then aborted, and the commit must not look like a success.
+            sql = _XID_SQL if (conn.dialect.server_version_info or (0,)) >= (13,) else _TXID_SQL
+            if not conn.exec_driver_sql(sql).scalar():
+                return
+            scope.wrote = True
+        if scope.answered:
+            if self._codec_in_use is not None:
+                self._warn_late_commit(scope)
+        elif self._sticky_mode is StickyMode.WAL and self._codec is not None:
+            conn.info[_COMMITTED] = scope
+
+    def _on_primary_reset(self, dbapi_connection: Any, record: Any, state: Any) -> None:
+        scope = record.info.pop(_COMMITTED, None)
+        if scope is None or scope.closed or not state.asyncio_safe or state.terminate_only:
+            return
+        try:
+            lsn = parse_lsn(_scalar_outside_transaction(dbapi_connection, PRIMARY_POSITION_SQL))
+        except Exception as error:
+            logger.warning(
+                "Could not read the primary's WAL position (%s): this client stays on the "
+                "primary for the sticky time instead.",
+                describe_error(error, self.health.secrets),
+            )
+            return
+        if lsn is not None and (scope.position is None or lsn > scope.position):
+            scope.position = lsn
+
+    def _warn_late_commit(self, scope: RequestScope) -> None:
+        if self._warned_late_commit:
+            return
+        self._warned_late_commit = True
+        facts = scope.settled_decision and scope.facts
+        view = f"The view '{facts.view}' ({facts.method})" if facts else "A request"
+        logger.warning(
+            "%s committed a write after its response had started (in a "
+            "'teardown_request' function or later), too late to set the sticky cookie: "
+            "the client's next requests may read from a replica that has not replayed "
+            "the write yet. Commit in the view or in an 'after_request' function. This "
+            "is logged once.",
+            view,
+        )
+
     def _refuse_write(self, node: Node) -> Any:
+        pg = node.engine.dialect.name == "postgresql"
+
         def refuse(cursor: Any, statement: str, _a: Any = None, _b: Any = None) -> None:
-            if is_write_sql(statement):
-                raise ReplicaWriteError(self.write_message(node))
+            kind = classify_sql(statement, postgresql=pg)
+            if kind is not _READ:
+                raise ReplicaWriteError(self.write_message(node, kind))
 
         return refuse
 
@@ -567,31 +644,101 @@ class Router:
         def on_error(context: Any) -> None:
             orig = context.original_exception
             code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-            if code == _READ_ONLY_SQLSTATE:
+            if code == _READ_ONLY_SQLSTATE or (
+                # lo_create: XX000 "cannot assign OIDs during recovery"; SET
+                # TRANSACTION READ WRITE: 0A000 "cannot set transaction read-write
+                # mode during recovery". The codes alone are too broad.
+                code in _RECOVERY_SQLSTATES and "during recovery" in str(orig)
+            ):
                 raise ReplicaWriteError(self.write_message(node)) from context.sqlalchemy_exception
             # Failover needs to know which replica failed; the error is what it gets.
             note_replica_error(context, node)
 
         return on_error
 
-    def write_message(self, node: Node) -> str:
-        """The sentence that tells the user why a write was refused and what to do."""
+    def write_message(self, node: Node, kind: StatementKind = StatementKind.WRITE) -> str:
+        """The sentence that tells the user why a statement was refused and what to do.
+
+        ``kind`` says what the statement did: a write, an advisory lock or a session
+        change (``SET``, ``RESET``, ``ATTACH``, ``DETACH``).
+        """
+        write = kind is StatementKind.WRITE
+        subject, did, why = _REFUSALS[kind]
         override = current_override()
         if override is not None and override.intent is Intent.REPLICA:
             return (
-                f"A write was sent to the replica '{node.name}' inside 'use_replica()'. "
-                "Move the write out of the 'use_replica()' block or wrap it in 'use_primary()'."
+                f"{subject} was sent to the replica '{node.name}' inside 'use_replica()'"
+                f"{why}. Move {'the write' if write else 'it'} out of the 'use_replica()' "
+                "block or wrap it in 'use_primary()'."
             )
         scope = current_scope()
         if scope is not None and scope.decision.node is node:
             facts = scope.facts
-            kind = "websocket" if facts.websocket else f"{facts.method} request"
+            request = "websocket" if facts.websocket else f"{facts.method} request"
             return (
-                f"The view '{facts.view}' wrote to the database during a {kind}, which is "
-                "routed to a replica. Decorate it with '@changes_database' or wrap the "
-                "write in 'use_primary()'."
+                f"The view '{facts.view}' {did} during a {request}, which is routed to a "
+                f"replica{why}. Decorate it with '@changes_database' or wrap the "
+                f"{'write' if write else 'statement'} in 'use_primary()'."
             )
         return (
-            f"A write was sent to the replica '{node.name}', which only serves reads. "
-            "Send it to the primary: wrap it in 'use_primary()'."
+            f"{subject} was sent to the replica '{node.name}'"
+            f"{', which only serves reads' if write else why}. Send it to the primary: "
+            "wrap it in 'use_primary()'."
         )
+
+
+_READ = StatementKind.READ
+_WRITE = StatementKind.WRITE
+_RECOVERY_SQLSTATES = ("XX000", "0A000")
+# Whether the committing transaction was given a transaction id, i.e. wrote.
+_XID_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
+_TXID_SQL = "SELECT txid_current_if_assigned() IS NOT NULL"  # before PostgreSQL 13
+# Where the commit listener leaves the request's scope for the pool's reset event, in
+# the pooled connection's info.
+_COMMITTED = "replicated_committed_scope"
+
+# What a refused statement is, what a view that sent it did, and why a replica is
+# the wrong place for it.
+_REFUSALS: dict[StatementKind, tuple[str, str, str]] = {
+    StatementKind.WRITE: ("A write", "wrote to the database", ""),
+    StatementKind.LOCK: (
+        "An advisory lock",
+        "took an advisory lock",
+        ": a lock taken on a replica coordinates nothing with the primary",
+    ),
+    StatementKind.SESSION: (
+        "A session-level 'SET', 'RESET', 'ATTACH' or 'DETACH'",
+        "changed its database session ('SET', 'RESET', 'ATTACH' or 'DETACH')",
+        ": the change would outlive the request on a pooled replica connection "
+        "('SET LOCAL' would not)",
+    ),
+    StatementKind.READ: ("A read", "read", ""),
+}
+
+
+def _scalar_outside_transaction(dbapi_connection: Any, sql: str) -> str | None:
+    """The first column of ``sql``'s row, run on a DBAPI connection in autocommit.
+
+    One round trip, and no transaction left open (psycopg, psycopg2 and SQLAlchemy's
+    asyncpg adaptation all have ``autocommit``). Inside an open transaction, which
+    psycopg will not switch, it runs in that transaction: the pool rolls it back next.
+    """
+    switched = False
+    if not dbapi_connection.autocommit:
+        try:
+            dbapi_connection.autocommit = True
+            switched = True
+        except Exception:
+            pass  # in a transaction
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(sql)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+    finally:
+        if switched:
+            dbapi_connection.autocommit = False
+    value = row[0] if row else None
+    return value if isinstance(value, str) else None

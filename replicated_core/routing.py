@@ -148,10 +148,12 @@ class RequestScope:
 
     __slots__ = (
         "_facts",
+        "answered",
         "closed",
         "counted",
         "owner",
         "pending",
+        "position",
         "resolver",
         "settled_decision",
         "sticky",
@@ -178,6 +180,10 @@ class RequestScope:
         self.resolver = resolver
         self.pending = pending
         self.wrote = False
+        # The primary's highest WAL position read after this request's commits.
+        self.position: int | None = None
+        # Set when the response starts: a commit after that cannot reach the cookie.
+        self.answered = False
         self.closed = False
         # The counter names this request adds to when it ends (set by the router).
         self.counted = counted
