@@ -1,11 +1,12 @@
-"""Check the ``REPLICATED_*`` bind names against the app's engines and build nodes."""
+"""Check the ``REPLICATED_*`` bind names and replicas against the app's engines and
+build nodes."""
 
 from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING
 
-from .config import DEFAULTS, ReplicatedConfig
+from .config import DEFAULT_PRIMARY_BIND, DEFAULT_PRIMARY_NAME, ReplicatedConfig
 from .errors import ConfigError
 from .routing import Node, Role
 
@@ -14,37 +15,55 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import URL, Engine
 
-__all__ = ["DEFAULT_PRIMARY_NAME", "build_nodes"]
+__all__ = ["DEFAULT_PRIMARY_NAME", "build_nodes", "is_shared_primary", "same_database"]
 
-DEFAULT_PRIMARY_NAME = "(default)"
+
+def is_shared_primary(default: URL | None, bind: URL) -> bool:
+    """Whether the primary bind's URL is SQLALCHEMY_DATABASE_URI's, so that the
+    adapter makes one engine (one pool) serve both; compare URLs after the driver
+    defaults (Flask-SQLAlchemy's SQLite paths) are applied."""
+    return default is not None and default == bind and same_database(default, bind)
 
 
 def build_nodes(
     config: ReplicatedConfig,
     binds: Mapping[str, Engine],
     default: Engine | None,
+    replica_engines: Mapping[str, Engine] | None = None,
 ) -> tuple[Node, list[Node]]:
     """The primary and replica nodes, or a ``ConfigError`` naming the wrong key.
 
     ``binds`` maps bind names (``SQLALCHEMY_BINDS``) to engines; ``default`` is the
-    engine of ``SQLALCHEMY_DATABASE_URI``. The primary is the bind named by
-    ``REPLICATED_PRIMARY_BIND``; when that is the default name and no such bind
-    exists, the default URI is the primary.
+    engine of ``SQLALCHEMY_DATABASE_URI``. In the binds style the primary is the
+    bind named by ``REPLICATED_PRIMARY_BIND`` (when that is the default name and no
+    such bind exists, the default URI is the primary); a primary bind on the default
+    URI's database must be the default engine itself (the adapters make it so).
+    With ``REPLICATED_REPLICAS`` the primary is the default URI and the replicas are
+    ``replica_engines``, by replica name.
     """
+    if config.replicas:
+        return _nodes_from_urls(config, default, replica_engines or {})
     key = "REPLICATED_PRIMARY_BIND"
-    if config.primary_bind in binds:
-        primary = Node(config.primary_bind, Role.PRIMARY, binds[config.primary_bind])
+    name = config.primary_bind or DEFAULT_PRIMARY_BIND
+    if name in binds:
+        primary = Node(name, Role.PRIMARY, binds[name])
         if default is not None and not same_database(default.url, primary.engine.url):
             raise ConfigError(
-                f"'{key}' names the bind '{config.primary_bind}', whose URL differs from "
+                f"'{key}' names the bind '{name}', whose URL differs from "
                 "SQLALCHEMY_DATABASE_URI. Models without a bind key are routed between the "
                 "primary and the replicas, so set SQLALCHEMY_DATABASE_URI to the primary's URL."
             )
-    elif config.primary_bind == DEFAULTS[key] and default is not None:
+        if default is not None and primary.engine is not default:
+            raise ConfigError(
+                f"'{key}' names the bind '{name}', which is the database of "
+                "SQLALCHEMY_DATABASE_URI by another URL (driver, user, password or options). "
+                "One engine serves the primary: give both the same URL."
+            )
+    elif name == DEFAULT_PRIMARY_BIND and default is not None:
         primary = Node(DEFAULT_PRIMARY_NAME, Role.PRIMARY, default)
     else:
         raise ConfigError(
-            f"'{key}' names the bind '{config.primary_bind}', which is not in "
+            f"'{key}' names the bind '{name}', which is not in "
             "SQLALCHEMY_BINDS. Add it there, or fix the name."
         )
     replicas = []
@@ -60,6 +79,27 @@ def build_nodes(
                 "primary's. Point it at a replica server, or remove it."
             )
         replicas.append(Node(name, Role.REPLICA, binds[name]))
+    return primary, replicas
+
+
+def _nodes_from_urls(
+    config: ReplicatedConfig, default: Engine | None, engines: Mapping[str, Engine]
+) -> tuple[Node, list[Node]]:
+    if default is None:
+        raise ConfigError(
+            "'REPLICATED_REPLICAS' gives replicas of SQLALCHEMY_DATABASE_URI, which is not "
+            "set. Set it to the primary's URL."
+        )
+    primary = Node(DEFAULT_PRIMARY_NAME, Role.PRIMARY, default)
+    replicas = []
+    for spec in config.replicas:
+        engine = engines[spec.name]
+        if same_database(engine.url, default.url):
+            raise ConfigError(
+                f"'REPLICATED_REPLICAS' names the replica '{spec.name}', whose URL is the "
+                "primary's. Point it at a replica server, or remove it."
+            )
+        replicas.append(Node(spec.name, Role.REPLICA, engine))
     return primary, replicas
 
 
