@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
 from .config import DEFAULT_PRIMARY_BIND, DEFAULT_PRIMARY_NAME, ReplicatedConfig
 from .errors import ConfigError
@@ -15,7 +16,13 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import URL, Engine
 
-__all__ = ["DEFAULT_PRIMARY_NAME", "build_nodes", "is_shared_primary", "same_database"]
+__all__ = [
+    "DEFAULT_PRIMARY_NAME",
+    "build_nodes",
+    "is_read_only_sqlite",
+    "is_shared_primary",
+    "same_database",
+]
 
 
 def is_shared_primary(default: URL | None, bind: URL) -> bool:
@@ -73,7 +80,7 @@ def build_nodes(
                 f"'REPLICATED_REPLICA_BINDS' names the bind '{name}', which is not in "
                 "SQLALCHEMY_BINDS. Add it there, or fix the name."
             )
-        if same_database(binds[name].url, primary.engine.url):
+        if _is_primary(binds[name].url, primary.engine.url):
             raise ConfigError(
                 f"'REPLICATED_REPLICA_BINDS' names the bind '{name}', whose URL is the "
                 "primary's. Point it at a replica server, or remove it."
@@ -94,7 +101,7 @@ def _nodes_from_urls(
     replicas = []
     for spec in config.replicas:
         engine = engines[spec.name]
-        if same_database(engine.url, default.url):
+        if _is_primary(engine.url, default.url):
             raise ConfigError(
                 f"'REPLICATED_REPLICAS' names the replica '{spec.name}', whose URL is the "
                 "primary's. Point it at a replica server, or remove it."
@@ -103,16 +110,50 @@ def _nodes_from_urls(
     return primary, replicas
 
 
+def _is_primary(replica: URL, primary: URL) -> bool:
+    return same_database(replica, primary) and not is_read_only_sqlite(replica)
+
+
 def same_database(a: URL, b: URL) -> bool:
-    """Whether two URLs name the same database on the same server, whatever the driver."""
+    """Whether two URLs name the same database on the same server, whatever the driver.
+
+    SQLite files compare by real path, written as a path or as a URI filename
+    (``sqlite:///file:/srv/app.db?uri=true``); in-memory databases are never the same.
+    """
     if a.get_backend_name() != b.get_backend_name():
         return False
     if a.get_backend_name() == "sqlite":
-        if not a.database or a.database == ":memory:":
-            return False
-        return os.path.realpath(a.database) == os.path.realpath(b.database or "")
+        path = _sqlite_path(a)
+        return path is not None and path == _sqlite_path(b)
     return (a.host or "localhost", a.port, a.database) == (
         b.host or "localhost",
         b.port,
         b.database,
     )
+
+
+def is_read_only_sqlite(url: URL) -> bool:
+    """Whether ``url`` opens a SQLite file read-only (``?mode=ro&uri=true``).
+
+    Such an opening of the primary's own file is accepted as a replica: it sees
+    every write at once, and SQLite refuses its writes.
+    """
+    return url.get_backend_name() == "sqlite" and _is_uri(url) and url.query.get("mode") == "ro"
+
+
+def _is_uri(url: URL) -> bool:
+    return str(url.query.get("uri", "")).lower() in ("true", "1") and bool(
+        url.database and url.database.startswith("file:")
+    )
+
+
+def _sqlite_path(url: URL) -> str | None:
+    database = url.database
+    if _is_uri(url):
+        if url.query.get("mode") == "memory":
+            return None
+        # file:/abs, file:///abs or file:relative; any "?..." is already in url.query.
+        database = unquote(urlsplit(database or "").path)
+    if not database or database == ":memory:":
+        return None
+    return os.path.realpath(database)

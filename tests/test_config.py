@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
@@ -427,3 +429,46 @@ def test_quart_replicas_by_url_are_checked_too(tmp_path):
         "'REPLICATED_REPLICAS['r1']' cannot be used: InvalidRequestError. It needs an "
         "async driver, such as 'postgresql+asyncpg://' or 'sqlite+aiosqlite://'."
     )
+
+
+def test_a_replica_that_is_the_primarys_file_by_an_sqlite_uri_is_refused(tmp_path):
+    """SQLite's URI filenames ('file:...?uri=true') name the same file as a path."""
+    path = tmp_path / "p.sqlite3"
+    app = _app(tmp_path, binds={}, REPLICATED_REPLICAS={"r1": f"sqlite:///file:{path}?uri=true"})
+    with pytest.raises(ConfigError) as caught:
+        FlaskReplicated(app)
+    assert str(caught.value) == (
+        "'REPLICATED_REPLICAS' names the replica 'r1', whose URL is the primary's. "
+        "Point it at a replica server, or remove it."
+    )
+
+
+@pytest.mark.parametrize("primary_form", ["path", "uri"])
+def test_the_primarys_sqlite_file_opened_read_only_is_a_replica(tmp_path, primary_form):
+    """'mode=ro' opens the primary's file read-only: a replica that sees every write
+    at once and refuses its own."""
+    import sqlalchemy as sa
+
+    path = tmp_path / "p.sqlite3"
+    uri = f"sqlite:///{path}" if primary_form == "path" else f"sqlite:///file:{path}?uri=true"
+    app = _app(
+        tmp_path,
+        uri=uri,
+        binds={},
+        REPLICATED_REPLICAS={"ro": f"sqlite:///file:{path}?mode=ro&uri=true"},
+    )
+    rep = FlaskReplicated(app)
+    with app.app_context():
+        app.extensions["sqlalchemy"].session.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+        app.extensions["sqlalchemy"].session.commit()
+    (replica,) = rep.router(app).replicas
+    with replica.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM t")).scalar() == 0
+    # Past the router's own guard (a ReplicaWriteError), SQLite itself refuses.
+    raw = replica.engine.raw_connection()
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="attempt to write a readonly database"):
+            raw.cursor().execute("INSERT INTO t VALUES (1)")
+    finally:
+        raw.close()
+    replica.engine.dispose()
