@@ -297,3 +297,30 @@ async def test_quart_replicas_by_url(quart_app_factory, backend):
     assert router.replicas[0].engine.pool.size() == 3
     async with app.app_context():
         assert list(app.rep.engines) == [None]
+
+
+# -- the project's own tests and benchmarks ----------------------------------------------
+
+
+def test_the_pools_the_fault_tests_and_benchmarks_size_are_those_sizes(flask_app_factory, backend):
+    """They set pool sizes with SQLALCHEMY_ENGINE_OPTIONS, and ran on default pools."""
+    from test_faults import FAULT_CONFIG
+
+    from benchmarks._apps import flask_app
+
+    app = flask_app_factory(replica=["replica", "lagging"], **FAULT_CONFIG)
+    primary, replicas = _routed_engines(app)
+    assert [(e.pool.size(), e.pool._max_overflow) for e in (primary, *replicas)] == [(20, 20)] * 3
+    bench = flask_app(
+        backend.url("primary"),
+        {"r1": backend.url("replica")},
+        replicated=True,
+        engine_options={"pool_size": 20, "max_overflow": 20},
+    )
+    try:
+        primary, replicas = _routed_engines(bench.app)
+        assert [(e.pool.size(), e.pool._max_overflow) for e in (primary, *replicas)] == [
+            (20, 20)
+        ] * 2
+    finally:
+        bench.dispose()
