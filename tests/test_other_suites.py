@@ -55,7 +55,10 @@ def _sdist(project: str) -> Path:
     unpacked = CACHE / "unpacking"
     shutil.rmtree(unpacked, ignore_errors=True)
     with tarfile.open(archive) as tar:
-        tar.extractall(unpacked, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python 3.11.4 and later
+            tar.extractall(unpacked, filter="data")
+        else:
+            tar.extractall(unpacked)
     (top,) = unpacked.iterdir()
     top.rename(folder)
     return folder
