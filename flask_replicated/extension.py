@@ -26,13 +26,12 @@ from replicated_core.status import (
 from replicated_core.sticky import StickyCodec, find_cookie
 from replicated_core.wal import REPLICA_PROBE_SQL, ReplicaProbe
 
-from .engines import RoutedEngines
+from .engines import install_routed_engines, prepare_engines
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
-    from sqlalchemy.engine import Engine
 
     from replicated_core.routing import Node, RequestScope
 
@@ -74,11 +73,10 @@ class FlaskReplicated:
         for key, value in {**DEFAULTS, **self._settings}.items():
             app.config.setdefault(key, value)
         config = load_config(app.config)
-        with app.app_context():
-            engines: dict[str | None, Engine] = dict(db.engines)
+        engines, replica_engines = prepare_engines(db, app, config)
         default = engines.get(None)
         binds = {key: engine for key, engine in engines.items() if key is not None}
-        primary, replicas = build_nodes(config, binds, default)
+        primary, replicas = build_nodes(config, binds, default, replica_engines)
         codec = (
             StickyCodec(app.secret_key, fallbacks=app.config.get("SECRET_KEY_FALLBACKS"))
             if app.secret_key
@@ -86,9 +84,7 @@ class FlaskReplicated:
         )
         router = Router(config, primary, replicas, codec)
         router.probe = probe_replica
-        # The one private touch: Flask-SQLAlchemy keeps each app's engines in this
-        # mapping and offers no hook to route its default entry.
-        db._app_engines[app] = RoutedEngines(engines, router)
+        install_routed_engines(db, app, router)
         self._routers[app] = router
         app.extensions["replicated"] = self
         if db not in self._hooked:

@@ -109,15 +109,18 @@ class QuartReplicated:
         for key, value in {**DEFAULTS, **self._settings}.items():
             app.config.setdefault(key, value)
         config = load_config(app.config)
-        engines = create_engines(app.config, self._engine_options)
+        engines, replica_engines = create_engines(app.config, self._engine_options, config)
         default = engines.get(None)
         binds = {key: e.sync_engine for key, e in engines.items() if key is not None}
         try:
             primary, replicas = build_nodes(
-                config, binds, default.sync_engine if default is not None else None
+                config,
+                binds,
+                default.sync_engine if default is not None else None,
+                {name: e.sync_engine for name, e in replica_engines.items()},
             )
         except Exception:
-            for engine in engines.values():
+            for engine in (*engines.values(), *replica_engines.values()):
                 engine.sync_engine.dispose()
             raise
         codec = (
@@ -126,7 +129,7 @@ class QuartReplicated:
             else None
         )
         router = Router(config, primary, replicas, codec)
-        by_sync = {id(e.sync_engine): e for e in engines.values()}
+        by_sync = {id(e.sync_engine): e for e in (*engines.values(), *replica_engines.values())}
         by_node = {n.name: by_sync[id(n.engine)] for n in (primary, *replicas)}
         other = {k: e for k, e in binds.items() if k not in by_node}
         session_class = with_failover(RoutingSession, _router_of_session)
@@ -233,7 +236,9 @@ class QuartReplicated:
         Runs on ``after_serving``; call it at the end of a CLI command's
         ``asyncio.run``, whose event loop the pooled connections belong to.
         """
-        for engine in self._state(app).engines.values():
+        state = self._state(app)
+        engines = (*state.engines.values(), *state.by_node.values())
+        for engine in {id(e): e for e in engines}.values():
             await engine.dispose()
 
 

@@ -6,13 +6,22 @@ import enum
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from sqlalchemy.engine import URL, make_url
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULTS", "ReplicatedConfig", "StickyMode", "load_config"]
+__all__ = ["DEFAULTS", "ReplicaURL", "ReplicatedConfig", "StickyMode", "load_config"]
 
 PREFIX = "REPLICATED_"
+
+# The binds style's names, when neither REPLICATED_PRIMARY_BIND nor
+# REPLICATED_REPLICA_BINDS is set and REPLICATED_REPLICAS is not used.
+DEFAULT_PRIMARY_BIND = "master"
+DEFAULT_REPLICA_BINDS = ("slave",)
+# The name the primary goes by when it is SQLALCHEMY_DATABASE_URI, not a bind.
+DEFAULT_PRIMARY_NAME = "(default)"
 
 
 class StickyMode(enum.Enum):
@@ -32,9 +41,11 @@ class StickyMode(enum.Enum):
 
 DEFAULT_STICKY_SECONDS = {StickyMode.TIME: 5.0, StickyMode.WAL: 30.0, StickyMode.OFF: 0.0}
 
+# None for the bind names: "not set", so that a clash with REPLICATED_REPLICAS shows.
 DEFAULTS: Mapping[str, object] = {
-    "REPLICATED_PRIMARY_BIND": "master",
-    "REPLICATED_REPLICA_BINDS": ["slave"],
+    "REPLICATED_PRIMARY_BIND": None,
+    "REPLICATED_REPLICA_BINDS": None,
+    "REPLICATED_REPLICAS": None,
     "REPLICATED_READONLY_METHODS": ["GET", "HEAD"],
     "REPLICATED_STICKY_MODE": "auto",
     "REPLICATED_STICKY_SECONDS": None,
@@ -53,10 +64,25 @@ _HEADER_NAME = _COOKIE_NAME
 
 
 @dataclass(frozen=True, slots=True)
-class ReplicatedConfig:
-    """Validated settings. Build it with ``load_config``."""
+class ReplicaURL:
+    """One replica given by URL in ``REPLICATED_REPLICAS``, with its own engine options."""
 
-    primary_bind: str
+    name: str
+    url: URL
+    options: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicatedConfig:
+    """Validated settings. Build it with ``load_config``.
+
+    Two styles: binds (``primary_bind`` and ``replica_binds`` name binds of
+    SQLALCHEMY_BINDS; ``replicas`` is empty), or replicas by URL (``replicas`` is
+    set, the primary is SQLALCHEMY_DATABASE_URI, ``primary_bind`` is None and
+    ``replica_binds`` empty).
+    """
+
+    primary_bind: str | None
     replica_binds: tuple[str, ...]
     readonly_methods: frozenset[str]
     sticky_mode: StickyMode
@@ -68,6 +94,7 @@ class ReplicatedConfig:
     connect_timeout: float
     websocket_readonly: bool
     debug_header: str | None
+    replicas: tuple[ReplicaURL, ...] = ()
 
     def sticky_ttl(self, mode: StickyMode) -> float:
         """Seconds a client stays sticky after a write in ``mode`` (a resolved mode)."""
@@ -81,6 +108,7 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
 
     Raises ``ConfigError`` with a sentence naming the key for an unknown key, a wrong
     type or an impossible value. Bind names are checked later, against the binds.
+    No message shows a value that may hold a password.
     """
     unknown = sorted(k for k in settings if k.startswith(PREFIX) and k not in DEFAULTS)
     if unknown:
@@ -89,9 +117,31 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
     value = {**DEFAULTS, **{k: v for k, v in settings.items() if k in DEFAULTS}}
     sticky_mode = _enum("REPLICATED_STICKY_MODE", value, StickyMode)
     sticky_seconds = value["REPLICATED_STICKY_SECONDS"]
+    replicas = _replicas(value["REPLICATED_REPLICAS"])
+    primary_bind: str | None = None
+    replica_binds: tuple[str, ...] = ()
+    if replicas:
+        for key in ("REPLICATED_REPLICA_BINDS", "REPLICATED_PRIMARY_BIND"):
+            if value[key] is not None:
+                raise ConfigError(
+                    f"'REPLICATED_REPLICAS' and '{key}' are both set. Give the replicas one "
+                    "way: by URL in 'REPLICATED_REPLICAS' (the primary is then "
+                    "SQLALCHEMY_DATABASE_URI), or as binds named in 'REPLICATED_REPLICA_BINDS'."
+                )
+    else:
+        raw_primary = value["REPLICATED_PRIMARY_BIND"]
+        raw_replicas = value["REPLICATED_REPLICA_BINDS"]
+        primary_bind = _name(
+            "REPLICATED_PRIMARY_BIND", DEFAULT_PRIMARY_BIND if raw_primary is None else raw_primary
+        )
+        replica_binds = _names(
+            "REPLICATED_REPLICA_BINDS",
+            DEFAULT_REPLICA_BINDS if raw_replicas is None else raw_replicas,
+        )
     return ReplicatedConfig(
-        primary_bind=_name("REPLICATED_PRIMARY_BIND", value["REPLICATED_PRIMARY_BIND"]),
-        replica_binds=_names("REPLICATED_REPLICA_BINDS", value["REPLICATED_REPLICA_BINDS"]),
+        primary_bind=primary_bind,
+        replica_binds=replica_binds,
+        replicas=replicas,
         readonly_methods=_methods(value["REPLICATED_READONLY_METHODS"]),
         sticky_mode=sticky_mode,
         sticky_seconds=None
@@ -122,16 +172,110 @@ def options_to_settings(options: Mapping[str, object]) -> dict[str, object]:
     return settings
 
 
+_HIDDEN = "a value not shown (it may hold a password)"
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` for an error message, with no password in it.
+
+    A value in the wrong key is often a URL (``REPLICATED_REPLICA_BINDS =
+    "postgresql://app:secret@..."``) and error messages end up in logs: a URL is shown
+    with its password hidden, and a text that may hold one anyway is not shown.
+    """
+    if isinstance(value, str):
+        shown = value
+        if "://" in value:
+            try:
+                shown = make_url(value).render_as_string(hide_password=True)
+            except Exception:
+                return _HIDDEN
+        # A password may also be in a URL's query or a libpq "key=value" string.
+        return _HIDDEN if "password" in shown.lower() else repr(shown)
+    if isinstance(value, URL):
+        return _shown(value.render_as_string(hide_password=True))
+    if isinstance(value, list | tuple):
+        items = ", ".join(_shown(item) for item in value)
+        return f"[{items}]" if isinstance(value, list) else f"({items})"
+    if isinstance(value, Mapping):
+        pairs = ", ".join(f"{_shown(k)}: {_shown(v)}" for k, v in value.items())
+        return "{" + pairs + "}"
+    if isinstance(value, int | float | bool | None):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+def _looks_like_url(value: object) -> bool:
+    return isinstance(value, URL) or (isinstance(value, str) and "://" in value)
+
+
+def _replicas(value: object) -> tuple[ReplicaURL, ...]:
+    key = "REPLICATED_REPLICAS"
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"'{key}' must be a dict of replica names to URLs, such as "
+            f"{{'replica1': 'postgresql://app@replica1/app'}}, got a {type(value).__name__}."
+        )
+    if not value:
+        raise ConfigError(f"'{key}' is empty. Give at least one replica, or leave the key out.")
+    replicas = []
+    for name, spec in value.items():
+        if not isinstance(name, str) or not name or _looks_like_url(name):
+            raise ConfigError(f"'{key}' must have replica names as keys, got {_shown(name)}.")
+        if name == DEFAULT_PRIMARY_NAME:
+            raise ConfigError(
+                f"'{key}' names a replica '{name}', the primary's name. Choose another name."
+            )
+        where = f"{key}['{name}']"
+        options: dict[str, object] = {}
+        if isinstance(spec, Mapping):
+            options = dict(spec)
+            raw = options.pop("url", None)
+        else:
+            raw = spec
+        if not isinstance(raw, str | URL) or not raw:
+            raise ConfigError(
+                f"'{where}' must be a database URL, or a dict with a 'url' key and engine options."
+            )
+        for option in options:
+            if not isinstance(option, str):
+                raise ConfigError(
+                    f"'{where}' has an engine option that is not a name: {_shown(option)}."
+                )
+        try:
+            url = make_url(raw)
+        except Exception as error:
+            # The text is not shown: a URL that does not parse may still hold a password.
+            raise ConfigError(
+                f"'{where}' is not a database URL ({type(error).__name__}). Write it as "
+                "SQLALCHEMY_DATABASE_URI is written, such as 'postgresql://app@replica1/app'."
+            ) from None
+        replicas.append(ReplicaURL(name, url, options))
+    return tuple(replicas)
+
+
 def _name(key: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"'{key}' must be the name of a bind in SQLALCHEMY_BINDS, got {value!r}.")
+    # A URL is refused here, so that no later message names a "bind" that is a URL.
+    if not isinstance(value, str) or not value or _looks_like_url(value):
+        raise ConfigError(
+            f"'{key}' must be the name of a bind in SQLALCHEMY_BINDS, got {_shown(value)}."
+            + _url_hint(key, value)
+        )
     return value
+
+
+def _url_hint(key: str, value: object) -> str:
+    if key == "REPLICATED_REPLICA_BINDS" and _looks_like_url(value):
+        return " To give replicas by URL, use 'REPLICATED_REPLICAS'."
+    return ""
 
 
 def _names(key: str, value: object) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise ConfigError(
-            f"'{key}' must be a list of bind names from SQLALCHEMY_BINDS, got {value!r}."
+            f"'{key}' must be a list of bind names from SQLALCHEMY_BINDS, got "
+            f"{_shown(value)}.{_url_hint(key, value)}"
         )
     names = tuple(value)
     if not names:
@@ -141,7 +285,7 @@ def _names(key: str, value: object) -> tuple[str, ...]:
     for name in names:
         _name(key, name)
     if len(set(names)) != len(names):
-        raise ConfigError(f"'{key}' names a bind twice: {list(names)!r}.")
+        raise ConfigError(f"'{key}' names a bind twice: {_shown(list(names))}.")
     return names
 
 
@@ -152,7 +296,7 @@ def _methods(value: object) -> frozenset[str]:
     methods = list(value)
     for method in methods:
         if not isinstance(method, str) or not method.isalpha():
-            raise ConfigError(f"'{key}' must hold HTTP method names, got {method!r}.")
+            raise ConfigError(f"'{key}' must hold HTTP method names, got {_shown(method)}.")
     return frozenset(m.upper() for m in methods)
 
 
@@ -162,28 +306,28 @@ def _enum(key: str, value: Mapping[str, object], kind: type[StickyMode]) -> Stic
         return kind(raw)
     except ValueError:
         choices = ", ".join(repr(m.value) for m in kind)
-        raise ConfigError(f"'{key}' must be one of {choices}, got {raw!r}.") from None
+        raise ConfigError(f"'{key}' must be one of {choices}, got {_shown(raw)}.") from None
 
 
 def _seconds(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"'{key}' must be a number of seconds, got {value!r}.")
+        raise ConfigError(f"'{key}' must be a number of seconds, got {_shown(value)}.")
     seconds = float(value)
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"'{key}' must be a positive number of seconds, got {value!r}.")
+        raise ConfigError(f"'{key}' must be a positive number of seconds, got {_shown(value)}.")
     return seconds
 
 
 def _bool(key: str, value: Mapping[str, object]) -> bool:
     raw = value[key]
     if not isinstance(raw, bool):
-        raise ConfigError(f"'{key}' must be True or False, got {raw!r}.")
+        raise ConfigError(f"'{key}' must be True or False, got {_shown(raw)}.")
     return raw
 
 
 def _token(key: str, value: object) -> str:
     if not isinstance(value, str) or not _COOKIE_NAME.match(value):
         raise ConfigError(
-            f"'{key}' must be a non-empty name of letters, digits and '-_.', got {value!r}."
+            f"'{key}' must be a non-empty name of letters, digits and '-_.', got {_shown(value)}."
         )
     return value

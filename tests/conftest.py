@@ -72,8 +72,7 @@ async def quart_app_factory(backend: Backend) -> Any:
 
     yield build
     for app in apps:
-        for engine in app.rep._apps[app].engines.values():
-            await engine.dispose()
+        await app.rep.dispose(app)
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
@@ -243,3 +245,230 @@ def test_a_second_quart_router_on_the_same_app_is_refused(tmp_path):
         with pytest.raises(RuntimeError, match="already set up on this app"):
             again()
     assert app.extensions["replicated"] is rep
+
+
+# -- replicas by URL (REPLICATED_REPLICAS) and secrets in messages ---------------------
+
+SECRET_URL = "postgresql://app:s3cr3t@db.example/app"
+
+BAD_REPLICAS = [
+    (
+        {"REPLICATED_REPLICAS": SECRET_URL},
+        "'REPLICATED_REPLICAS' must be a dict of replica names to URLs, such as "
+        "{'replica1': 'postgresql://app@replica1/app'}, got a str.",
+    ),
+    (
+        {"REPLICATED_REPLICAS": {}},
+        "'REPLICATED_REPLICAS' is empty. Give at least one replica, or leave the key out.",
+    ),
+    (
+        {"REPLICATED_REPLICAS": {"": SECRET_URL}},
+        "'REPLICATED_REPLICAS' must have replica names as keys, got ''.",
+    ),
+    (
+        {"REPLICATED_REPLICAS": {SECRET_URL: SECRET_URL}},
+        "'REPLICATED_REPLICAS' must have replica names as keys, "
+        "got 'postgresql://app:***@db.example/app'.",
+    ),
+    (
+        {"REPLICATED_REPLICAS": {"(default)": SECRET_URL}},
+        "'REPLICATED_REPLICAS' names a replica '(default)', the primary's name. "
+        "Choose another name.",
+    ),
+    (
+        {"REPLICATED_REPLICAS": {"r1": 5}},
+        "'REPLICATED_REPLICAS['r1']' must be a database URL, or a dict with a 'url' "
+        "key and engine options.",
+    ),
+    (
+        {"REPLICATED_REPLICAS": {"r1": {"pool_size": 5}}},
+        "'REPLICATED_REPLICAS['r1']' must be a database URL, or a dict with a 'url' "
+        "key and engine options.",
+    ),
+    (
+        {"REPLICATED_REPLICAS": {"r1": "app:s3cr3t@db.example/app"}},
+        "'REPLICATED_REPLICAS['r1']' is not a database URL (ArgumentError). Write it "
+        "as SQLALCHEMY_DATABASE_URI is written, such as 'postgresql://app@replica1/app'.",
+    ),
+    (
+        {"REPLICATED_REPLICAS": {"r1": {"url": SECRET_URL, 3: True}}},
+        "'REPLICATED_REPLICAS['r1']' has an engine option that is not a name: 3.",
+    ),
+    (
+        {"REPLICATED_REPLICAS": {"r1": SECRET_URL}, "REPLICATED_REPLICA_BINDS": ["slave"]},
+        "'REPLICATED_REPLICAS' and 'REPLICATED_REPLICA_BINDS' are both set. Give the "
+        "replicas one way: by URL in 'REPLICATED_REPLICAS' (the primary is then "
+        "SQLALCHEMY_DATABASE_URI), or as binds named in 'REPLICATED_REPLICA_BINDS'.",
+    ),
+    (
+        {"REPLICATED_REPLICAS": {"r1": SECRET_URL}, "REPLICATED_PRIMARY_BIND": "master"},
+        "'REPLICATED_REPLICAS' and 'REPLICATED_PRIMARY_BIND' are both set. Give the "
+        "replicas one way: by URL in 'REPLICATED_REPLICAS' (the primary is then "
+        "SQLALCHEMY_DATABASE_URI), or as binds named in 'REPLICATED_REPLICA_BINDS'.",
+    ),
+]
+
+
+@pytest.mark.parametrize(("config", "message"), BAD_REPLICAS)
+def test_bad_replicas_by_url_fail_in_init_app(tmp_path, config, message):
+    with pytest.raises(ConfigError) as caught:
+        FlaskReplicated(_app(tmp_path, binds={}, **config))
+    assert str(caught.value) == message
+    assert "s3cr3t" not in message
+
+
+SECRET_VALUES = [
+    (
+        {"REPLICATED_REPLICA_BINDS": SECRET_URL},
+        "'REPLICATED_REPLICA_BINDS' must be a list of bind names from SQLALCHEMY_BINDS, "
+        "got 'postgresql://app:***@db.example/app'. To give replicas by URL, use "
+        "'REPLICATED_REPLICAS'.",
+    ),
+    (
+        {"REPLICATED_REPLICA_BINDS": [SECRET_URL, SECRET_URL]},
+        "'REPLICATED_REPLICA_BINDS' must be the name of a bind in SQLALCHEMY_BINDS, got "
+        "'postgresql://app:***@db.example/app'. To give replicas by URL, use "
+        "'REPLICATED_REPLICAS'.",
+    ),
+    (
+        {"REPLICATED_PRIMARY_BIND": SECRET_URL},
+        "'REPLICATED_PRIMARY_BIND' must be the name of a bind in SQLALCHEMY_BINDS, got "
+        "'postgresql://app:***@db.example/app'.",
+    ),
+    (
+        {"REPLICATED_PRIMARY_BIND": 5},
+        "'REPLICATED_PRIMARY_BIND' must be the name of a bind in SQLALCHEMY_BINDS, got 5.",
+    ),
+    (
+        {"REPLICATED_STICKY_SECONDS": SECRET_URL},
+        "'REPLICATED_STICKY_SECONDS' must be a number of seconds, "
+        "got 'postgresql://app:***@db.example/app'.",
+    ),
+    (
+        {"REPLICATED_STICKY_MODE": "host=db password=s3cr3t"},
+        "'REPLICATED_STICKY_MODE' must be one of 'auto', 'wal', 'time', 'off', "
+        "got a value not shown (it may hold a password).",
+    ),
+    (
+        {"REPLICATED_COOKIE_NAME": "postgresql://app:s3cr3t@db:bad:port/app"},
+        "'REPLICATED_COOKIE_NAME' must be a non-empty name of letters, digits and '-_.', "
+        "got a value not shown (it may hold a password).",
+    ),
+    (
+        {"REPLICATED_READONLY_METHODS": ["GET", SECRET_URL]},
+        "'REPLICATED_READONLY_METHODS' must hold HTTP method names, "
+        "got 'postgresql://app:***@db.example/app'.",
+    ),
+]
+
+
+@pytest.mark.parametrize(("config", "message"), SECRET_VALUES)
+def test_a_password_in_a_bad_value_is_never_echoed(tmp_path, config, message):
+    with pytest.raises(ConfigError) as caught:
+        FlaskReplicated(_app(tmp_path, **config))
+    assert str(caught.value) == message
+    assert "s3cr3t" not in message
+
+
+def test_a_replica_by_url_that_is_the_primary_is_refused(tmp_path):
+    primary = f"sqlite:///{tmp_path / 'p.sqlite3'}"
+    app = _app(tmp_path, binds={}, REPLICATED_REPLICAS={"r1": primary})
+    with pytest.raises(ConfigError) as caught:
+        FlaskReplicated(app)
+    assert str(caught.value) == (
+        "'REPLICATED_REPLICAS' names the replica 'r1', whose URL is the primary's. "
+        "Point it at a replica server, or remove it."
+    )
+
+
+def test_replicas_by_url_need_a_default_uri(tmp_path):
+    app = Flask(__name__)
+    app.config.update(
+        SQLALCHEMY_BINDS={"other": f"sqlite:///{tmp_path / 'o.sqlite3'}"},
+        REPLICATED_REPLICAS={"r1": f"sqlite:///{tmp_path / 'r.sqlite3'}"},
+    )
+    SQLAlchemy(app)
+    with pytest.raises(ConfigError) as caught:
+        FlaskReplicated(app)
+    assert str(caught.value) == (
+        "'REPLICATED_REPLICAS' gives replicas of SQLALCHEMY_DATABASE_URI, which is not "
+        "set. Set it to the primary's URL."
+    )
+
+
+def test_a_master_bind_on_the_primary_with_another_url_is_refused(tmp_path):
+    """One engine serves the primary: the 'master' bind and SQLALCHEMY_DATABASE_URI
+    must then say the same URL, not the same database another way."""
+    primary = tmp_path / "p.sqlite3"
+    app = _app(
+        tmp_path,
+        binds={"master": f"sqlite+pysqlite:///{primary}", "slave": f"sqlite:///{tmp_path}/r"},
+    )
+    with pytest.raises(ConfigError) as caught:
+        FlaskReplicated(app)
+    assert str(caught.value) == (
+        "'REPLICATED_PRIMARY_BIND' names the bind 'master', which is the database of "
+        "SQLALCHEMY_DATABASE_URI by another URL (driver, user, password or options). "
+        "One engine serves the primary: give both the same URL."
+    )
+
+
+def test_quart_replicas_by_url_are_checked_too(tmp_path):
+    from quart import Quart
+
+    from quart_replicated import QuartReplicated
+
+    app = Quart(__name__)
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=f"sqlite+aiosqlite:///{tmp_path / 'p.sqlite3'}",
+        REPLICATED_REPLICAS={"r1": "sqlite:///r.sqlite3"},
+    )
+    with pytest.raises(ConfigError) as caught:
+        QuartReplicated(app)
+    assert str(caught.value) == (
+        "'REPLICATED_REPLICAS['r1']' cannot be used: InvalidRequestError. It needs an "
+        "async driver, such as 'postgresql+asyncpg://' or 'sqlite+aiosqlite://'."
+    )
+
+
+def test_a_replica_that_is_the_primarys_file_by_an_sqlite_uri_is_refused(tmp_path):
+    """SQLite's URI filenames ('file:...?uri=true') name the same file as a path."""
+    path = tmp_path / "p.sqlite3"
+    app = _app(tmp_path, binds={}, REPLICATED_REPLICAS={"r1": f"sqlite:///file:{path}?uri=true"})
+    with pytest.raises(ConfigError) as caught:
+        FlaskReplicated(app)
+    assert str(caught.value) == (
+        "'REPLICATED_REPLICAS' names the replica 'r1', whose URL is the primary's. "
+        "Point it at a replica server, or remove it."
+    )
+
+
+@pytest.mark.parametrize("primary_form", ["path", "uri"])
+def test_the_primarys_sqlite_file_opened_read_only_is_a_replica(tmp_path, primary_form):
+    """'mode=ro' opens the primary's file read-only: a replica that sees every write
+    at once and refuses its own."""
+    import sqlalchemy as sa
+
+    path = tmp_path / "p.sqlite3"
+    uri = f"sqlite:///{path}" if primary_form == "path" else f"sqlite:///file:{path}?uri=true"
+    app = _app(
+        tmp_path,
+        uri=uri,
+        binds={},
+        REPLICATED_REPLICAS={"ro": f"sqlite:///file:{path}?mode=ro&uri=true"},
+    )
+    rep = FlaskReplicated(app)
+    with app.app_context():
+        app.extensions["sqlalchemy"].session.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+        app.extensions["sqlalchemy"].session.commit()
+    (replica,) = rep.router(app).replicas
+    with replica.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM t")).scalar() == 0
+    # Past the router's own guard (a ReplicaWriteError), SQLite itself refuses.
+    raw = replica.engine.raw_connection()
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="attempt to write a readonly database"):
+            raw.cursor().execute("INSERT INTO t VALUES (1)")
+    finally:
+        raw.close()
+    replica.engine.dispose()
