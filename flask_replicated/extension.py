@@ -17,7 +17,8 @@ from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to_settings
 from replicated_core.failover import lost_connection, with_failover
 from replicated_core.health import describe_error
-from replicated_core.router import Router
+from replicated_core.prober import ThreadProber
+from replicated_core.router import PROBE_MARK, Router
 from replicated_core.status import ClusterStatus, build_status, status_queries
 from replicated_core.sticky import StickyCodec, find_cookie
 from replicated_core.wal import PRIMARY_POSITION_SQL, REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
@@ -77,7 +78,7 @@ class FlaskReplicated:
         primary, replicas = build_nodes(config, binds, default)
         codec = StickyCodec(app.secret_key) if app.secret_key else None
         router = Router(config, primary, replicas, codec)
-        router.probe = probe_replica
+        router.prober = ThreadProber(router.health, probe_replica, on_overdue=router.cut_off)
         # The one private touch: Flask-SQLAlchemy keeps each app's engines in this
         # mapping and offers no hook to route its default entry.
         db._app_engines[app] = RoutedEngines(engines, router)
@@ -252,9 +253,16 @@ def _replace_teardown(app: Flask, db: SQLAlchemy, close: Callable[[Any], None]) 
 
 
 def probe_replica(node: Node) -> ReplicaProbe:
-    """Read a replica's replay position and lag (one query on a pooled connection)."""
+    """Read a replica's replay position and lag: one round trip on a pooled
+    connection, in autocommit (no BEGIN, no ROLLBACK)."""
     with node.engine.connect() as conn:
-        row = conn.execute(text(REPLICA_PROBE_SQL)).one()
+        info = conn.info  # the pooled connection's: marks it for Router.cut_off()
+        info[PROBE_MARK] = True
+        try:
+            auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+            row = auto.execute(text(REPLICA_PROBE_SQL)).one()
+        finally:
+            info.pop(PROBE_MARK, None)
     return ReplicaProbe.from_row(tuple(row))
 
 

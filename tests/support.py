@@ -142,7 +142,8 @@ def make_flask_app(backend: Backend, replica: str | list[str] = "replica", **con
 
 
 def dispose_flask_app(app: Any) -> None:
-    """Close every pooled connection of the app's engines."""
+    """Stop the app's position prober and close every pooled connection of its engines."""
+    app.extensions["replicated"].router(app).close()
     for engine in app.db._app_engines[app].values():
         engine.dispose()
 
