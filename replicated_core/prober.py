@@ -32,6 +32,14 @@ __all__ = ["TaskProber", "ThreadProber"]
 # How long stop() waits for a check in flight to hand its connection back.
 _STOP_WAIT = 2.0
 
+# A prober that no request has used for this long stops; the next read starts it
+# again. A process that served at import and then only forks (a preloading server's
+# master) or an app left behind (tests) then costs nothing.
+IDLE_STOP = 10.0
+
+# How often an idle worker thread looks whether its prober is still there.
+_WORKER_POLL = 5.0
+
 
 class _Worker:
     """One replica's long-lived checking thread: runs the checks handed to it in turn."""
@@ -49,7 +57,12 @@ class _Worker:
 
     def _run(self, ref: weakref.ref[ThreadProber], inbox: queue.SimpleQueue[Check | None]) -> None:
         while True:
-            check = inbox.get()
+            try:
+                check = inbox.get(timeout=_WORKER_POLL)
+            except queue.Empty:
+                if ref() is None:
+                    return  # its router is gone
+                continue
             prober = ref()
             if check is None or prober is None:
                 return
@@ -67,7 +80,7 @@ class ThreadProber:
     ``probe`` reads one replica's position, blocking; it may hang as long as its
     server does, which holds up that replica's worker only. ``on_overdue`` is called
     (from the prober's thread) when a replica's check runs past the probe timeout.
-    The threads hold the prober weakly: they end when its router is collected.
+    The prober stops after ``idle_stop`` seconds in which no request set ``used``.
     """
 
     def __init__(
@@ -79,11 +92,16 @@ class ThreadProber:
         self.health = health
         self.probe = probe
         self.on_overdue = on_overdue
+        self.idle_stop = IDLE_STOP
         self.reset()
 
     def reset(self) -> None:
         """Forget the threads (after a fork: they do not exist in the child)."""
         self.running = False
+        # Set by every request that reads; the ticker clears it and notes the time.
+        self.used = False
+        self._used_at = 0.0
+        self._rounds = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._first_round = threading.Event()
@@ -92,15 +110,20 @@ class ThreadProber:
         self._thread: threading.Thread | None = None
 
     def ensure_started(self) -> None:
-        """Start the prober unless it runs, and wait for its first round of checks
-        (at most the probe timeout: a hung replica is then overdue, not waited for).
+        """Start the prober unless it runs. The first start in a process (or since a
+        fork) waits for the first round of checks, at most the probe timeout (a hung
+        replica is then overdue, not waited for); a restart after an idle stop does
+        not wait: the positions it left are known.
 
-        Cheap when it runs: the request path calls it only when ``running`` is False.
+        The request path calls it only when ``running`` is False.
         """
+        self.used = True
         with self._lock:
             if not self.running:
                 self._start()
-        self._first_round.wait(self.health.probe_timeout)
+            wait = self._rounds == 0
+        if wait:
+            self._first_round.wait(self.health.probe_timeout)
 
     def _start(self) -> None:
         self._stop = threading.Event()
@@ -112,12 +135,22 @@ class ThreadProber:
             daemon=True,
         )
         self.running = True
+        self._used_at = self.health.clock()
         # The first round is dispatched here, so that ensure_started() can wait for it.
         self.tick(first=True)
         self._thread.start()
 
-    def tick(self, first: bool = False) -> None:
-        """Start the checks that are due (called once per check interval)."""
+    def tick(self, first: bool = False) -> bool:
+        """Start the checks that are due (called once per check interval); False
+        once the prober stopped for want of use."""
+        now = self.health.clock()
+        if self.used:
+            self.used = False
+            self._used_at = now
+        elif now - self._used_at > self.idle_stop:
+            self.stop()
+            return False
+        self._rounds += 1
         plan = self.health.plan()
         if first:
             self._first_left = len(plan.checks)
@@ -136,6 +169,7 @@ class ThreadProber:
                     worker.inbox.put(None)
                 worker = self._workers[name] = _Worker(self, name)
             worker.inbox.put(check)
+        return True
 
     def run_check(self, check: Check) -> None:
         """Run one check and hand its outcome to the health registry; never raises."""
@@ -173,9 +207,8 @@ class ThreadProber:
 def _thread_loop(ref: weakref.ref[ThreadProber], stop: threading.Event, interval: float) -> None:
     while not stop.wait(interval):
         prober = ref()
-        if prober is None:
-            return  # its router is gone
-        prober.tick()
+        if prober is None or not prober.tick():
+            return  # its router is gone, or it stopped for want of use
         del prober
 
 
@@ -184,16 +217,23 @@ class TaskProber:
 
     The task lives in the event loop of the request that started it; a request in
     another loop (the old one closed, or a fork) starts it again there. A check is a
-    task of its own, so a hung replica holds up only its own.
+    task of its own, so a hung replica holds up only its own. The task ends after
+    ``idle_stop`` seconds without a request; the next one starts it again.
     """
 
     def __init__(self, health: Health, probe: Callable[[Node], Awaitable[ReplicaProbe]]) -> None:
         self.health = health
         self.probe = probe
+        self.idle_stop = IDLE_STOP
         self.reset()
 
     def reset(self) -> None:
-        """Forget the tasks (after a fork, or once their loop is gone)."""
+        """Forget the tasks and rounds (after a fork: they do not exist in the child)."""
+        self._rounds = 0
+        self._clear()
+
+    def _clear(self) -> None:
+        self.used = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()
@@ -205,8 +245,10 @@ class TaskProber:
         return self._loop is loop and task is not None and not task.done()
 
     async def ensure(self) -> None:
-        """Start the prober in the running loop unless it runs there, and wait for its
-        first round of checks (at most the probe timeout)."""
+        """Start the prober in the running loop unless it runs there. The first start
+        (in a process, or since a fork) waits for its first round of checks, at most
+        the probe timeout; so do the requests that come meanwhile."""
+        self.used = True
         loop = asyncio.get_running_loop()
         if not self.running_in(loop):
             self._start(loop)
@@ -221,30 +263,42 @@ class TaskProber:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
+        self.used = True
         if not self.running_in(loop):
             self._start(loop)
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         old_loop, old_task = self._loop, self._task
-        if old_task is not None and old_loop is not None and not old_loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # closed meanwhile
-                old_loop.call_soon_threadsafe(old_task.cancel)
-        if old_loop is not None:
+        if old_loop is not None and old_loop is not loop:
+            if old_task is not None and not old_loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # closed meanwhile
+                    old_loop.call_soon_threadsafe(old_task.cancel)
             # Checks of the old loop never answer here: do not wait for them.
             self.health.abandon_checks()
-        self.reset()
+            self._clear()
         self._loop = loop
-        self._first = set(self.tick())
+        self.used = True
+        first = self._rounds == 0
+        started = self.tick()
+        self._first = set(started) if first else set()
         self._task = loop.create_task(self._loop_forever(), name="replicated-prober")
 
     async def _loop_forever(self) -> None:
         interval = self.health.check_interval
+        used_at = self.health.clock()
         while True:
             await asyncio.sleep(interval)
+            now = self.health.clock()
+            if self.used:
+                self.used = False
+                used_at = now
+            elif now - used_at > self.idle_stop:
+                return  # for want of use
             self.tick()
 
     def tick(self) -> list[asyncio.Task[None]]:
         """Start the checks that are due (once per check interval), as tasks."""
+        self._rounds += 1
         started = []
         for check in self.health.plan().checks:
             task = asyncio.ensure_future(self._run_check(check))
@@ -263,7 +317,7 @@ class TaskProber:
     async def stop(self, timeout: float = _STOP_WAIT) -> None:
         """Stop the prober's task, wait up to ``timeout`` for checks in flight (they
         hold pooled connections), and cancel those still hung. Call it in the loop it
-        runs in, before disposing of the engines."""
+        runs in, before disposing of the engines; the next request starts it again."""
         task, checks = self._task, set(self._checks)
         if task is None:
             return
@@ -277,4 +331,4 @@ class TaskProber:
             if hung:
                 await asyncio.wait(hung)
             self.health.abandon_checks()
-        self.reset()
+        self._clear()

@@ -353,8 +353,10 @@ class Router:
         sticky = None
         if facts.reads:
             prober = self._thread_prober
-            if prober is not None and not prober.running:
-                prober.ensure_started()
+            if prober is not None:
+                prober.used = True  # keeps it from stopping for want of use
+                if not prober.running:
+                    prober.ensure_started()
             codec = self._codec_in_use
             if cookie is not None and codec is not None:
                 sticky = codec.loads(cookie, self._sticky_ttl)
