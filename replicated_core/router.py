@@ -189,6 +189,7 @@ class Router:
         self._entries: dict[str, weakref.WeakSet[ConnectionPoolEntry]] = {
             n.name: weakref.WeakSet() for n in self.replicas
         }
+        self._entries_lock = threading.Lock()
         if codec is None and self._sticky_mode is not StickyMode.OFF:
             logger.warning(
                 "SECRET_KEY is not set, so the sticky cookie cannot be signed and is not "
@@ -267,6 +268,7 @@ class Router:
         self.health.reset()
         if self._prober is not None:
             self._prober.reset()
+        self._entries_lock = threading.Lock()
         for entries in self._entries.values():
             entries.clear()
         for node in (self.primary, *self.replicas):
@@ -287,7 +289,9 @@ class Router:
         it is back) makes those reads fail at once; failover then sends each to
         another node, and the replica is not marked down for it. Sync drivers only.
         """
-        for entry in list(self._entries.get(node.name, ())):
+        with self._entries_lock:
+            entries = list(self._entries.get(node.name, ()))
+        for entry in entries:
             dbapi = entry.dbapi_connection
             fileno = getattr(dbapi, "fileno", None)
             if dbapi is None or fileno is None or entry.info.get(PROBE_MARK):
@@ -654,7 +658,8 @@ class Router:
 
     def _remember_entry(self, node: Node) -> Any:
         def remember(dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:
-            self._entries[node.name].add(entry)
+            with self._entries_lock:
+                self._entries[node.name].add(entry)
 
         return remember
 
