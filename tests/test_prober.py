@@ -237,6 +237,21 @@ def test_the_prober_threads_end_with_close_and_when_idle(postgresql_backend):
     assert mine() == set()
 
 
+def test_disposing_of_the_engines_stops_the_prober(postgresql_backend):
+    """Apps and fixtures that shut down with engine.dispose() (not Router.close()):
+    a prober left running would open connections in the new pools that nobody
+    closes (a ResourceWarning when collected)."""
+    others = set(prober_threads())
+    app = make_flask_app(postgresql_backend)
+    router = app.extensions["replicated"].router(app)
+    app.test_client().get("/who")
+    assert router.prober.running is True
+    for engine in app.db._app_engines[app].values():
+        engine.dispose()
+    assert router.prober.running is False
+    assert set(prober_threads()) - others == set()
+
+
 def test_the_quart_prober_follows_the_event_loop(postgresql_backend):
     """Two event loops in turn (asyncio.run twice, as CLI commands and some test setups
     do): the prober starts again in the second and keeps the positions fresh there.
