@@ -659,9 +659,11 @@ class Router:
 
     def _on_disposed(self, engine: Any) -> None:
         # An app (or test) shutting down disposes of its engines: a prober still
-        # checking would open new connections that nobody closes. The next read
-        # starts it again.
-        self.close()
+        # checking would open new connections that nobody closes. Once it stopped,
+        # what a check put back meanwhile is closed too. The next read starts it again.
+        if self._thread_prober is not None and self._thread_prober.running:
+            self.close()
+            engine.pool.dispose()
 
     def _remember_entry(self, node: Node) -> Any:
         def remember(dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:
