@@ -58,9 +58,10 @@ WARM_UP_READS = 3  # per client, before the clock starts: every worker's pools o
 # with probability (1/3)**10, one in 59,000.
 SEQUENCE = 10
 # Each of the three replicas gets a third of cookie-less reads on average; of 400, a
-# share under 20% is 5 standard deviations off, yet "every worker picks the same one"
+# share under 15% is 8 standard deviations off (room for a replica left out for a
+# second by a late check on a busy machine), yet "every worker picks the same one"
 # (or the primary serves them) gives 0%.
-MIN_SHARE = 0.20
+MIN_SHARE = 0.15
 # As in tests/test_faults.py: a 3 s pause spans several downtimes and check timeouts,
 # as a pause of a minute does with the defaults (2 s and 30 s).
 APP_CONFIG = {"REPLICATED_CONNECT_TIMEOUT": 1, "REPLICATED_REPLICA_DOWNTIME": 1}
@@ -110,10 +111,10 @@ def servers_cluster(pg_cluster_factory: Callable[..., Any]) -> Cluster:
 
 @dataclass(frozen=True)
 class Model:
-    """One way to serve the app: the command (given the port) and what it runs."""
+    """One way to serve the app: the command (given the address to bind) and what it runs."""
 
     name: str
-    command: Callable[[int], list[str]]
+    command: Callable[[str], list[str]]
     asynchronous: bool = False
     query_at_import: bool = False
 
@@ -122,10 +123,10 @@ class Model:
         return not self.asynchronous
 
 
-def _gunicorn(*options: str) -> Callable[[int], list[str]]:
-    def command(port: int) -> list[str]:
+def _gunicorn(*options: str) -> Callable[[str], list[str]]:
+    def command(bind: str) -> list[str]:
         return [
-            *(sys.executable, "-m", "gunicorn", "--bind", f"{HOST}:{port}"),
+            *(sys.executable, "-m", "gunicorn", "--bind", bind),
             *("--workers", str(WORKERS), "--timeout", str(WORKER_TIMEOUT)),
             *("--graceful-timeout", "5", *options, "flask_app:app"),
         ]
@@ -133,9 +134,9 @@ def _gunicorn(*options: str) -> Callable[[int], list[str]]:
     return command
 
 
-def _hypercorn(port: int) -> list[str]:
+def _hypercorn(bind: str) -> list[str]:
     return [
-        *(sys.executable, "-m", "hypercorn", "--bind", f"{HOST}:{port}"),
+        *(sys.executable, "-m", "hypercorn", "--bind", bind),
         *("--workers", str(WORKERS), "quart_app:app"),
     ]
 
@@ -158,11 +159,13 @@ MODELS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _listening_socket() -> socket.socket:
+    """A loopback socket on a free port, already listening: the server inherits it
+    (``--bind fd://N``), so no other process can take the port in between."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((HOST, 0))
+    sock.listen(128)
+    return sock
 
 
 def _group_members(group: int) -> list[int]:
@@ -286,17 +289,18 @@ def server(
         "PYTHONUNBUFFERED": "1",
     }
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    port = _free_port()
-    with log_path.open("wb") as log:
+    with _listening_socket() as sock, log_path.open("wb") as log:
         process = subprocess.Popen(
-            model.command(port),
+            model.command(f"fd://{sock.fileno()}"),
             cwd=APPS,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=[sock.fileno()],
         )
+        port = sock.getsockname()[1]
     running = Server(model, process, port, log_path, servers_cluster)
     try:
         running.wait_ready()
