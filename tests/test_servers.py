@@ -115,12 +115,7 @@ class Model:
 
     name: str
     command: Callable[[str], list[str]]
-    asynchronous: bool = False
     query_at_import: bool = False
-
-    @property
-    def gunicorn(self) -> bool:
-        return not self.asynchronous
 
 
 def _gunicorn(*options: str) -> Callable[[str], list[str]]:
@@ -154,7 +149,7 @@ MODELS = {
             _gunicorn("--worker-class", "sync", "--preload"),
             query_at_import=True,
         ),
-        Model("hypercorn", _hypercorn, asynchronous=True),
+        Model("hypercorn", _hypercorn),
     ]
 }
 
@@ -492,10 +487,11 @@ def test_replica_pause(server, servers_cluster, reliability):
     """Cookie-less readers while r1 is frozen (SIGSTOP) for 3 s: no error, no worker
     killed by the server's timeout, and throughput during the pause not collapsed.
 
-    The issue's target is at least half of the throughput before the pause; it is
-    printed. What is asserted is a floor of a tenth: far enough below the target that a
-    busy 2-core machine cannot flake it, and far above what a site stalled by its
-    position checks does (today: 330 requests/s fell to 1.3, a 250th).
+    The issue's target, at least half of the throughput before the pause, is printed,
+    not asserted: on a busy 2-core machine the same code measured from 26% to 140%.
+    What is asserted is a floor of a tenth, which a stalled site misses by far (the
+    issue measured 330 requests/s falling to 1.3; with no working detection, every
+    sync worker is stuck on r1 within 0.1 s and the rate is 0).
     """
     node = servers_cluster.cluster.replica(PAUSED)
     path = f"/items/{servers_cluster.seed_id}"
@@ -547,15 +543,17 @@ def test_replica_pause(server, servers_cluster, reliability):
     waits = [s.end - s.start for s in samples if paused <= s.start < resumed]
     errors = [e for e in warm_up if e is not None] + [s.error for s in samples if s.error]
     timeouts = server.worker_timeouts()
+    # A worker that died and was replaced answers with a pid not seen at the start.
+    replaced = sorted({s.body["pid"] for s in samples if s.body} - server.workers)
     figures = {
         "requests": len(samples),
         "errors": len(errors),
         "req/s before": round(before, 1),
         "during": round(during, 1),
         "after": round(after, 1),
-        "during/before": f"{during / before:.0%} (target {TARGET_RATIO:.0%})",
+        "during/before": f"{during / before:.0%} (target {TARGET_RATIO:.0%})" if before else None,
         "longest wait started during (s)": round(max(waits, default=0.0), 2),
-        # Requests that were running on the frozen server: nothing frees them but SIGCONT.
+        # Requests that waited on the frozen server until SIGCONT, not cut off earlier.
         "held until the resume": sum(s.start < resumed - 1 and s.end >= resumed for s in samples),
         "worker timeouts": len(timeouts),
     }
@@ -563,11 +561,13 @@ def test_replica_pause(server, servers_cluster, reliability):
     found = {
         "errors": len(errors),
         "worker timeouts": timeouts,
+        "workers replaced": replaced,
         "throughput during the pause at least a tenth of before": during >= FLOOR_RATIO * before,
     }
     expected = {
         "errors": 0,
         "worker timeouts": [],
+        "workers replaced": [],
         "throughput during the pause at least a tenth of before": True,
     }
     assert found == expected, (figures, errors[:5])
