@@ -9,6 +9,7 @@ and always stopped, with every process of its group, at the end.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -136,8 +137,9 @@ def _hypercorn(bind: str) -> list[str]:
     ]
 
 
+# Keyed by test id (no spaces, for -k and node ids); the name is what figures say.
 MODELS = {
-    model.name: model
+    model.name.replace(" --", "-").replace(" ", "-"): model
     for model in [
         Model("gunicorn sync", _gunicorn("--worker-class", "sync")),
         Model(
@@ -240,7 +242,8 @@ class Server:
             # gunicorn: SIGINT is its quick shutdown; hypercorn shuts down on it too.
             self.process.send_signal(signal.SIGINT)
         if not _wait_for_group_exit(group, 10):
-            os.killpg(group, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+                os.killpg(group, signal.SIGKILL)
         self.process.wait(timeout=10)
         if not _wait_for_group_exit(group, 10):
             raise RuntimeError(
