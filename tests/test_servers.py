@@ -86,8 +86,9 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def servers_cluster(pg_cluster_factory: Callable[..., Any]) -> Cluster:
-    """A primary, two replicas and one that applies commits 500 ms late, with one row."""
+def servers_cluster(pg_cluster_factory: Callable[..., Any]) -> Iterator[Cluster]:
+    """A primary, two replicas and one that applies commits 500 ms late, with one row;
+    stopped when the module is done rather than at the end of the session."""
     from replicated_core.pgcluster import ReplicaSpec
 
     cluster = pg_cluster_factory(
@@ -104,7 +105,8 @@ def servers_cluster(pg_cluster_factory: Callable[..., Any]) -> Cluster:
     engine.dispose()
     cluster.wait_for_replay(include_delayed=True)
     names = {node.port: node.name for node in cluster.nodes}
-    return Cluster(cluster, seed_id, names)
+    yield Cluster(cluster, seed_id, names)
+    cluster.stop()
 
 
 # -- the servers --------------------------------------------------------------------
