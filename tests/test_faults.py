@@ -30,13 +30,26 @@ class Sample:
     error: str | None = None
 
 
-def flask_load(app, seconds, path="/who"):
-    """CLIENTS threads, each its own test client, sending GETs for ``seconds``."""
-    deadline = time.monotonic() + seconds
+def _until(seconds, settled):
+    """A function telling when a load is over: ``seconds`` have passed and ``settled()``
+    (when given) says so too, or twice ``seconds`` have passed."""
+    start = time.monotonic()
+
+    def over():
+        elapsed = time.monotonic() - start
+        return elapsed >= 2 * seconds or (elapsed >= seconds and (settled is None or settled()))
+
+    return over
+
+
+def flask_load(app, seconds, path="/who", settled=None):
+    """CLIENTS threads, each its own test client, sending GETs for ``seconds`` (and on
+    until ``settled()``, at most twice as long)."""
+    over = _until(seconds, settled)
 
     def client_loop(_):
         client, samples = app.test_client(), []
-        while time.monotonic() < deadline:
+        while not over():
             start = time.monotonic()
             error = None
             try:
@@ -51,12 +64,12 @@ def flask_load(app, seconds, path="/who"):
         return [s for samples in pool.map(client_loop, range(CLIENTS)) for s in samples]
 
 
-async def quart_load(app, seconds, path="/who"):
-    deadline = time.monotonic() + seconds
+async def quart_load(app, seconds, path="/who", settled=None):
+    over = _until(seconds, settled)
 
     async def client_loop():
         client, samples = app.test_client(), []
-        while time.monotonic() < deadline:
+        while not over():
             start = time.monotonic()
             response = await client.get(path)
             samples.append(
@@ -69,7 +82,11 @@ async def quart_load(app, seconds, path="/who"):
 
 
 def schedule(steps):
-    """Run (delay, action) pairs in a thread; returns the thread and the times of each."""
+    """Run (delay, action) pairs in a thread; returns the thread and the times of each.
+
+    An action may start late (a thread among 100 busy ones waits for the GIL), so a
+    load that must watch what follows the last one asks ``past(thread, times, tail)``.
+    """
     times = []
 
     def run():
@@ -82,6 +99,11 @@ def schedule(steps):
     thread = threading.Thread(target=run)
     thread.start()
     return thread, times
+
+
+def past(thread, times, tail):
+    """Whether the schedule is done and its last action ``tail`` seconds ago."""
+    return not thread.is_alive() and time.monotonic() >= times[-1] + tail
 
 
 def p99(values):
@@ -135,7 +157,7 @@ def test_flask_replica_fault_under_load(fault_flask_factory, fault_cluster, scen
     r1 = fault_cluster.replica("r1")
     thread, times = schedule(SCENARIOS[scenario](r1))
     try:
-        samples = flask_load(app, seconds=6)
+        samples = flask_load(app, seconds=6, settled=lambda: past(thread, times, 3.0))
     finally:
         thread.join()
         r1.resume()
@@ -155,7 +177,7 @@ async def test_quart_replica_fault_under_load(fault_backend, fault_cluster, scen
     async with app.test_app():
         thread, times = schedule(SCENARIOS[scenario](r1))
         try:
-            samples = await quart_load(app, seconds=6)
+            samples = await quart_load(app, 6, settled=lambda: past(thread, times, 3.0))
         finally:
             await asyncio.to_thread(thread.join)
             r1.resume()
@@ -167,12 +189,12 @@ async def test_quart_replica_fault_under_load(fault_backend, fault_cluster, scen
     assert found["traffic back after (s)"] is not None
 
 
-async def _load(adapter, app, seconds):
+async def _load(adapter, app, seconds, settled=None):
     """Run the GET load of either adapter from an async test."""
     if adapter == "flask":
-        return await asyncio.to_thread(flask_load, app, seconds)
+        return await asyncio.to_thread(flask_load, app, seconds, settled=settled)
     async with app.test_app():
-        return await quart_load(app, seconds)
+        return await quart_load(app, seconds, settled=settled)
 
 
 def _app(adapter, fault_flask_factory, fault_backend, **config):
@@ -215,7 +237,7 @@ async def test_replica_lag_past_max_lag_under_load(
         ]
     )
     try:
-        samples = await _load(adapter, app, 9)
+        samples = await _load(adapter, app, 9, settled=lambda: past(thread, times, 2.0))
     finally:
         await asyncio.to_thread(thread.join)
         stop_writing.set()

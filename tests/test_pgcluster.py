@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
 import psycopg
@@ -172,3 +174,14 @@ def test_cluster_stop_is_idempotent_and_resumes_paused_nodes(pg_cluster_factory)
         cluster.stop()
         assert not any(node.is_running() for node in [cluster.primary, *cluster.replicas])
     cluster.stop()
+
+
+def test_child_pids_lists_a_process_started_here():
+    from replicated_core.pgcluster import _child_pids
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert child.pid in _child_pids(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
