@@ -196,6 +196,14 @@ def build_status(
         if probe is not None and primary_lsn is not None and probe.replay_lsn is not None:
             lag_bytes = max(0, primary_lsn - probe.replay_lsn)
         state = router.health.states[node.name]
+        lag_seconds = _lag_seconds(state, lag_bytes, checked_at)
+        usable = router.health.usable(node.name)
+        if lag_seconds is None and lag_bytes and probe is not None and probe.in_recovery:
+            # Bytes waiting for a time one check cannot tell: the router's first check
+            # takes the server's figure, which after an idle spell counts the idle time
+            # too, and keeps reads away until its next check. Say what is known: a
+            # standby that answers, not one found too far behind.
+            usable = True
         nodes.append(
             NodeStatus(
                 name=node.name,
@@ -203,10 +211,10 @@ def build_status(
                 address=address_of(node),
                 reachable=True,
                 in_recovery=probe.in_recovery if probe is not None else None,
-                lag_seconds=_lag_seconds(state, lag_bytes, checked_at),
+                lag_seconds=lag_seconds,
                 lag_bytes=lag_bytes,
                 marked_down=False,
-                usable=router.health.usable(node.name),
+                usable=usable,
                 error=None
                 if probe is None or probe.in_recovery
                 else "not in recovery: this is a primary, not a replica",

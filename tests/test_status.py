@@ -79,6 +79,26 @@ def test_one_check_cannot_tell_how_long_bytes_have_waited(
         dispose_flask_app(app)
 
 
+def test_bytes_after_an_idle_spell_longer_than_max_lag_are_not_a_failure(
+    postgresql_backend, pg_cluster, paused_replica
+):
+    """The primary idle for longer than REPLICATED_MAX_LAG, then one write, not replayed
+    yet: the server's figure counts the idle time, so one check cannot say the replica
+    is too far behind. The status says unknown and healthy, not unusable."""
+    app = make_flask_app(postgresql_backend, replica="replica", REPLICATED_MAX_LAG=0.5)
+    try:
+        time.sleep(1.0)  # no commit replayed for longer than the maximum lag
+        pg_cluster.execute(pg_cluster.primary, "INSERT INTO items (name) VALUES ('after idle')")
+        _wait_until_received(pg_cluster, paused_replica, _flush_lsn(pg_cluster))
+        result = _status(app, "--json")
+        assert result.exit_code == 0, result.output
+        slave = json.loads(result.output)["nodes"][1]
+        assert (slave["lag_seconds"], slave["usable"]) == (None, True)
+        assert slave["lag_bytes"] > 0
+    finally:
+        dispose_flask_app(app)
+
+
 def test_the_lag_is_timed_once_a_check_saw_the_bytes_arrive(
     postgresql_backend, pg_cluster, paused_replica
 ):
