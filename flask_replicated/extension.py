@@ -266,8 +266,15 @@ def _replace_teardown(app: Flask, db: SQLAlchemy, close: Callable[[Any], None]) 
 
 def probe_replica(node: Node) -> ReplicaProbe:
     """Read a replica's replay position and lag: one round trip on a pooled
-    connection, in autocommit (no BEGIN, no ROLLBACK)."""
-    with node.engine.connect() as conn:
+    connection, in autocommit (no BEGIN, no ROLLBACK).
+
+    A check that outlived its engine's pool (the app disposed of it meanwhile: the
+    prober gave up waiting for this check) closes its connection rather than hand
+    it back to a pool nobody will close.
+    """
+    engine = node.engine
+    pool = engine.pool
+    with engine.connect() as conn:
         info = conn.info  # the pooled connection's: marks it for Router.cut_off()
         info[PROBE_MARK] = True
         try:
@@ -275,4 +282,6 @@ def probe_replica(node: Node) -> ReplicaProbe:
             row = auto.execute(text(REPLICA_PROBE_SQL)).one()
         finally:
             info.pop(PROBE_MARK, None)
+            if engine.pool is not pool:
+                conn.invalidate()
     return ReplicaProbe.from_row(tuple(row))

@@ -248,6 +248,17 @@ class Health:
                     state.overdue_since = None
                     self._changed()
 
+    def drop(self, check: Check) -> None:
+        """Forget ``check``, from ``plan()``, which its prober never ran (it stopped)."""
+        with self._lock:
+            state = self.states[check.node.name]
+            state.checks_out = max(0, state.checks_out - 1)
+            if state.checks_out == 0:
+                state.checking_since = None
+                if state.overdue_since is not None:
+                    state.overdue_since = None
+                    self._changed()
+
     def finish(self, check: Check, outcome: ReplicaProbe | BaseException) -> None:
         """Store the answer (or the error) of ``check``, from ``plan()``.
 

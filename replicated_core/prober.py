@@ -44,18 +44,23 @@ _WORKER_POLL = 5.0
 class _Worker:
     """One replica's long-lived checking thread: runs the checks handed to it in turn."""
 
-    def __init__(self, prober: ThreadProber, name: str) -> None:
+    def __init__(self, prober: ThreadProber, name: str, stopped: threading.Event) -> None:
         self.inbox: queue.SimpleQueue[Check | None] = queue.SimpleQueue()
         self.busy = False
         self.thread = threading.Thread(
             target=self._run,
-            args=(weakref.ref(prober), self.inbox),
+            args=(weakref.ref(prober), self.inbox, stopped),
             name=f"replicated-prober-{name}",
             daemon=True,
         )
         self.thread.start()
 
-    def _run(self, ref: weakref.ref[ThreadProber], inbox: queue.SimpleQueue[Check | None]) -> None:
+    def _run(
+        self,
+        ref: weakref.ref[ThreadProber],
+        inbox: queue.SimpleQueue[Check | None],
+        stopped: threading.Event,
+    ) -> None:
         while True:
             try:
                 check = inbox.get(timeout=_WORKER_POLL)
@@ -65,6 +70,11 @@ class _Worker:
                 continue
             prober = ref()
             if check is None or prober is None:
+                return
+            if stopped.is_set():
+                # Handed over before its prober stopped: the engines may be disposed
+                # of by now, and a check would open a connection nobody closes.
+                prober.health.drop(check)
                 return
             self.busy = True
             try:
@@ -137,12 +147,12 @@ class ThreadProber:
         self.running = True
         self._used_at = self.health.clock()
         # The first round is dispatched here, so that ensure_started() can wait for it.
-        self.tick(first=True)
+        self._dispatch(first=True)
         self._thread.start()
 
-    def tick(self, first: bool = False) -> bool:
+    def tick(self) -> bool:
         """Start the checks that are due (called once per check interval); False
-        once the prober stopped for want of use."""
+        once the prober stopped, for want of use or by ``stop()``."""
         now = self.health.clock()
         if self.used:
             self.used = False
@@ -150,6 +160,14 @@ class ThreadProber:
         elif now - self._used_at > self.idle_stop:
             self.stop()
             return False
+        with self._lock:  # a stop() meanwhile must not be followed by new checks
+            if not self.running:
+                return False
+            self._dispatch()
+        return True
+
+    def _dispatch(self, first: bool = False) -> None:
+        # Called with the lock held.
         self._rounds += 1
         plan = self.health.plan()
         if first:
@@ -167,9 +185,8 @@ class ThreadProber:
                 # that thread ends when its check does; a new one takes over.
                 if worker is not None:
                     worker.inbox.put(None)
-                worker = self._workers[name] = _Worker(self, name)
+                worker = self._workers[name] = _Worker(self, name, self._stop)
             worker.inbox.put(check)
-        return True
 
     def run_check(self, check: Check) -> None:
         """Run one check and hand its outcome to the health registry; never raises."""

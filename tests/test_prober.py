@@ -278,3 +278,61 @@ def test_the_quart_prober_follows_the_event_loop(postgresql_backend):
 
     asyncio.run(dispose())
     assert app.errors == []
+
+
+def test_a_check_in_flight_when_the_engines_are_disposed_leaves_no_connection_open(
+    postgresql_backend,
+):
+    """A check still out when the app disposes of its engines (stop() waits for it only
+    briefly) hands its connection back after the pool was replaced: it must be closed,
+    not left in a pool nobody closes (the replica keeps the session; psycopg warns when
+    it is collected). Asked on the replica itself: no backend of the app is left."""
+    name = "prober-dispose"
+    app = make_flask_app(
+        postgresql_backend,
+        SQLALCHEMY_ENGINE_OPTIONS={"connect_args": {"application_name": name}},
+    )
+    router = app.extensions["replicated"].router(app)
+    replica = router.replicas[0].engine
+    app.test_client().get("/who")  # starts the prober
+    held, release = threading.Event(), threading.Event()
+
+    @event.listens_for(replica, "before_cursor_execute")
+    def hold(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement == REPLICA_PROBE_SQL and threading.current_thread().name.startswith(
+            "replicated-prober"
+        ):
+            held.set()
+            release.wait(10)
+
+    assert held.wait(5)
+    router.prober.stop(timeout=0.2)  # gives up on the held check, as a hung one
+    dispose_flask_app(app)
+    release.set()
+    watcher = sa.create_engine(postgresql_backend.url("replica"), poolclass=sa.pool.NullPool)
+    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n")
+    deadline = time.monotonic() + 5
+    with watcher.connect() as conn:
+        while (left := conn.execute(query, {"n": name}).scalar()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    watcher.dispose()
+    assert left == 0
+
+
+def test_a_check_its_prober_never_ran_is_dropped_and_asked_again():
+    """A check handed to a worker just as its prober stopped is dropped unrun: the
+    replica is not left overdue, and the next round asks it again at once."""
+    r1 = Node("r1", Role.REPLICA, sa.create_engine("sqlite://"))
+    clock = Clock()
+    h = Health(
+        [r1], probing=True, check_interval=0.1, max_lag=30, downtime=5, probe_timeout=1, clock=clock
+    )
+    (check,) = h.plan().checks
+    clock.now += 2
+    assert h.plan().overdue == [r1]
+    assert h.usable("r1") is False
+    h.drop(check)
+    assert h.usable("r1") is True  # no longer overdue: as before its first check
+    (again,) = h.plan().checks
+    h.finish(again, ReplicaProbe(True, 100, 100, 0.0))
+    assert h.usable("r1") is True
