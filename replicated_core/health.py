@@ -194,14 +194,16 @@ class Health:
 
     # -- checking ------------------------------------------------------------------
 
-    def plan(self) -> Plan:
+    def plan(self, slack: float = 0.0) -> Plan:
         """The position checks to start now; the prober calls it once per interval.
 
         A replica gets a check unless it is marked down or its last check is still
         out. A check out for longer than ``probe_timeout`` makes its replica overdue
         (no reads until the check answers); a hung replica is asked again only once
         a downtime has passed since its last check started, so that it collects one
-        stuck check per downtime, not one per interval.
+        stuck check per downtime, not one per interval. ``slack`` is added to that
+        timeout: how late the prober itself runs (an event loop busy with requests
+        answers every check late, however fast the replica).
         """
         checks: list[Check] = []
         overdue: list[Node] = []
@@ -214,7 +216,7 @@ class Health:
                     continue
                 started = state.checking_since
                 if started is not None:
-                    if state.overdue_since is None and now - started >= self.probe_timeout:
+                    if state.overdue_since is None and now - started >= self.probe_timeout + slack:
                         state.overdue_since = now
                         self._changed()
                         overdue.append(state.node)

@@ -304,6 +304,7 @@ class TaskProber:
         interval = self.health.check_interval
         used_at = self.health.clock()
         while True:
+            asleep = self.health.clock()
             await asyncio.sleep(interval)
             now = self.health.clock()
             if self.used:
@@ -311,13 +312,15 @@ class TaskProber:
                 used_at = now
             elif now - used_at > self.idle_stop:
                 return  # for want of use
-            self.tick()
+            # How late the loop woke this task is how late it runs every check's
+            # answer too: a replica is overdue past the probe timeout plus that.
+            self.tick(slack=max(0.0, now - asleep - interval))
 
-    def tick(self) -> list[asyncio.Task[None]]:
+    def tick(self, slack: float = 0.0) -> list[asyncio.Task[None]]:
         """Start the checks that are due (once per check interval), as tasks."""
         self._rounds += 1
         started = []
-        for check in self.health.plan().checks:
+        for check in self.health.plan(slack).checks:
             task = asyncio.ensure_future(self._run_check(check))
             self._checks.add(task)
             task.add_done_callback(self._checks.discard)

@@ -336,3 +336,18 @@ def test_a_check_its_prober_never_ran_is_dropped_and_asked_again():
     (again,) = h.plan().checks
     h.finish(again, ReplicaProbe(True, 100, 100, 0.0))
     assert h.usable("r1") is True
+
+
+def test_a_late_prober_does_not_blame_its_replica():
+    """An event loop busy with requests wakes the prober late, and answers every
+    check late by as much: that lateness (the slack) is not the replica's."""
+    r1 = Node("r1", Role.REPLICA, sa.create_engine("sqlite://"))
+    clock = Clock()
+    h = Health(
+        [r1], probing=True, check_interval=0.1, max_lag=30, downtime=5, probe_timeout=1, clock=clock
+    )
+    h.plan()
+    clock.now += 1.5
+    assert h.plan(slack=1.4).overdue == []
+    clock.now += 0.5
+    assert h.plan(slack=0.2).overdue == [r1]
