@@ -589,16 +589,18 @@ class Router:
         scope = self.scope()
         return scope is not None and scope.decision.node is node
 
-    def reroute(self, failed: Node) -> None:
-        """Send the current request's (or block's) reads elsewhere after ``failed`` failed."""
+    def reroute(self, failed: Sequence[Node]) -> None:
+        """Send the current request's (or block's) reads elsewhere after the last of
+        ``failed`` failed, to none of them."""
         self.counters.add("retries")
-        views = [v for v in self.health.views() if v.node is not failed]
+        last = failed[-1]
+        views = [v for v in self.health.views() if v.node not in failed]
         usable = [v.node for v in views if v.usable]
         override = current_override()
-        if override is not None and override.node is failed:
+        if override is not None and override.node is last:
             override.node = self._choose(usable) if usable else self.primary
         scope = self.scope()
-        if scope is not None and scope.decision.node is failed:
+        if scope is not None and scope.decision.node is last:
             again = decide(scope.facts, scope.sticky, self.primary, views, self._choose)
             scope.decision = Decision(again.node, Reason.FAILOVER, again.drop_cookie)
 
