@@ -100,6 +100,9 @@ class FlaskBench:
     db: Any
 
     def dispose(self) -> None:
+        replicated = self.app.extensions.get("replicated")
+        if replicated is not None:
+            replicated.router(self.app).close()  # its prober: no checks in the next run
         for engine in self.engines:
             engine.dispose()
 
@@ -171,6 +174,9 @@ class QuartBench:
     engines: list[AsyncEngine] = field(default_factory=list)
 
     async def dispose(self) -> None:
+        replicated = self.app.extensions.get("replicated")
+        if replicated is not None:
+            await replicated.dispose(self.app)  # stops its prober, then the engines
         for engine in self.engines:
             await engine.dispose()
 

@@ -16,7 +16,8 @@ from sqlalchemy import text
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to_settings
 from replicated_core.failover import lost_connection, with_failover
-from replicated_core.router import Router
+from replicated_core.prober import ThreadProber
+from replicated_core.router import PROBE_MARK, Router
 from replicated_core.status import (
     ClusterStatus,
     build_status,
@@ -83,7 +84,7 @@ class FlaskReplicated:
             else None
         )
         router = Router(config, primary, replicas, codec)
-        router.probe = probe_replica
+        router.prober = ThreadProber(router.health, probe_replica, on_overdue=router.cut_off)
         install_routed_engines(db, app, router)
         self._routers[app] = router
         app.extensions["replicated"] = self
@@ -264,7 +265,23 @@ def _replace_teardown(app: Flask, db: SQLAlchemy, close: Callable[[Any], None]) 
 
 
 def probe_replica(node: Node) -> ReplicaProbe:
-    """Read a replica's replay position and lag (one query on a pooled connection)."""
-    with node.engine.connect() as conn:
-        row = conn.execute(text(REPLICA_PROBE_SQL)).one()
+    """Read a replica's replay position and lag: one round trip on a pooled
+    connection, in autocommit (no BEGIN, no ROLLBACK).
+
+    A check that outlived its engine's pool (the app disposed of it meanwhile: the
+    prober gave up waiting for this check) closes its connection rather than hand
+    it back to a pool nobody will close.
+    """
+    engine = node.engine
+    pool = engine.pool
+    with engine.connect() as conn:
+        info = conn.info  # the pooled connection's: marks it for Router.cut_off()
+        info[PROBE_MARK] = True
+        try:
+            auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+            row = auto.execute(text(REPLICA_PROBE_SQL)).one()
+        finally:
+            info.pop(PROBE_MARK, None)
+            if engine.pool is not pool:
+                conn.invalidate()
     return ReplicaProbe.from_row(tuple(row))

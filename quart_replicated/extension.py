@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, load_config, options_to_settings
 from replicated_core.failover import lost_connection, with_failover
+from replicated_core.prober import TaskProber
 from replicated_core.router import Router
 from replicated_core.session import RoutingSession
 from replicated_core.status import (
@@ -54,11 +55,14 @@ class _AppState:
     engines: dict[str | None, AsyncEngine]
     by_node: dict[str, AsyncEngine]
     sessions: async_sessionmaker[AsyncSession]
+    prober: TaskProber | None = None
 
     async def probe_replica(self, node: Node) -> ReplicaProbe:
-        """Read a replica's replay position and lag (one query on a pooled connection)."""
+        """Read a replica's replay position and lag: one round trip on a pooled
+        connection, in autocommit (no BEGIN, no ROLLBACK)."""
         async with self.by_node[node.name].connect() as conn:
-            row = (await conn.execute(text(REPLICA_PROBE_SQL))).one()
+            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            row = (await auto.execute(text(REPLICA_PROBE_SQL))).one()
         return ReplicaProbe.from_row(tuple(row))
 
 
@@ -140,6 +144,8 @@ class QuartReplicated:
             **self._session_options,
         )
         state = _AppState(router, engines, by_node, sessions)
+        if router.health.probing:
+            state.prober = router.prober = TaskProber(router.health, state.probe_replica)
         self._apps[app] = state
         app.extensions["replicated"] = self
         _hook(app, state)
@@ -234,9 +240,12 @@ class QuartReplicated:
         """Close every pooled connection of ``app``'s engines (default: current app).
 
         Runs on ``after_serving``; call it at the end of a CLI command's
-        ``asyncio.run``, whose event loop the pooled connections belong to.
+        ``asyncio.run``, whose event loop the pooled connections belong to. Stops the
+        position prober first (the next request starts it again).
         """
         state = self._state(app)
+        if state.prober is not None:
+            await state.prober.stop()
         engines = (*state.engines.values(), *state.by_node.values())
         for engine in {id(e): e for e in engines}.values():
             await engine.dispose()
@@ -254,22 +263,23 @@ def _hook(app: Quart, state: _AppState) -> None:
     router = state.router
     cookie_name = router.config.cookie_name
     debug_header = router.config.debug_header
+    prober = state.prober
 
     async def request_started_(sender: Quart, **extra: Any) -> None:
         req = request._get_current_object()  # type: ignore[attr-defined]
         endpoint = req.endpoint
         view = sender.view_functions.get(endpoint) if endpoint is not None else None
         facts = router.facts(req.method, endpoint, view)
-        if router.needs_positions(facts):
-            await router.health.refresh_async(state.probe_replica)
+        if prober is not None and router.needs_positions(facts):
+            await prober.ensure()
         router.begin(facts, _sticky_cookie(req.headers.getlist("Cookie"), cookie_name))
 
     async def websocket_started_(sender: Quart, **extra: Any) -> None:
         endpoint = websocket.endpoint
         view = sender.view_functions.get(endpoint) if endpoint is not None else None
         facts = router.facts("WEBSOCKET", endpoint, view, websocket=True)
-        if router.needs_positions(facts):
-            await router.health.refresh_async(state.probe_replica)
+        if prober is not None and router.needs_positions(facts):
+            await prober.ensure()
         router.begin(facts, _sticky_cookie(websocket.headers.getlist("Cookie"), cookie_name))
 
     async def after_request(response: Response) -> Response:

@@ -142,14 +142,14 @@ def _retrying(method: Callable[..., Any], router_of: Callable[[Session], Router 
         # This runs for every ORM statement: a statement after the first of its
         # transaction is never retried, and costs one check.
         retry = not session.in_transaction()
+        failed: list[Node] = []
         while True:
             try:
                 return method(session, *args, **kwargs)
             except Exception as error:
                 bound = kwargs.get("bind_arguments")
-                if not retry or not _ready_to_retry(session, error, router_of, bound):
+                if not retry or not _ready_to_retry(session, error, router_of, bound, failed):
                     raise
-                retry = False  # once
 
     return call
 
@@ -181,6 +181,7 @@ def _retrying_execute(
         _add_event: Any = None,
     ) -> Any:
         retry = not session.in_transaction()
+        failed: list[Node] = []
         while True:
             try:
                 return method(
@@ -193,9 +194,10 @@ def _retrying_execute(
                     _add_event=_add_event,
                 )
             except Exception as error:
-                if not retry or not _ready_to_retry(session, error, router_of, bind_arguments):
+                if not retry or not _ready_to_retry(
+                    session, error, router_of, bind_arguments, failed
+                ):
                     raise
-                retry = False  # once
 
     ours = inspect.signature(execute, follow_wrapped=False).parameters
     return execute if _shape(ours) == _shape(parameters) else None
@@ -211,6 +213,7 @@ def _ready_to_retry(
     error: Exception,
     router_of: Callable[[Session], Router | None],
     bind_arguments: Any,
+    failed: list[Node],
 ) -> bool:
     """After the first statement of ``session``'s transaction raised ``error``: whether
     it may run again, on another node (then the session is rolled back and the
@@ -218,16 +221,19 @@ def _ready_to_retry(
     request (or block) sends its reads there: the primary's, a bad query's, or that
     of a replica the view chose itself propagates as it is. A statement the caller
     bound to an engine (``bind_arguments={"bind": ...}``) is never retried:
-    rerouting cannot move it."""
+    rerouting cannot move it. ``failed`` holds the replicas this statement already
+    failed on: each gets it once (two replicas gone since their last check: the
+    primary answers the third try)."""
     if isinstance(bind_arguments, dict) and bind_arguments.get("bind") is not None:
         return False
     node = _failed_replica(error)
     failure = classify_failure(error) if node is not None else None
     router = router_of(session) if failure is not None else None
-    if router is None or node is None or not router.reads_go_to(node):
+    if router is None or node is None or node in failed or not router.reads_go_to(node):
         return False
+    failed.append(node)
     if failure is Failure.DOWN:
         router.health.mark_down(node, error)
     session.rollback()
-    router.reroute(node)
+    router.reroute(failed)
     return True

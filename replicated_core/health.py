@@ -1,14 +1,13 @@
 """Replica health: replay positions, lag, and replicas marked down after failures.
 
-One registry per router (so per process and app). Positions are refreshed at most
-once per check interval, by whichever request finds them due; the others read the
-cached values. The probe itself is IO, so it is handed in by the adapter.
+One registry per router (so per process and app). Requests only read it; the
+router's prober (replicated_core.prober) asks ``plan()`` once per check interval
+which replicas to check, runs the checks off the request path, and hands each
+answer to ``finish()``. Every change of state happens under one lock.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import math
 import threading
@@ -20,11 +19,14 @@ from typing import TYPE_CHECKING
 from .routing import Node, ReplicaView
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Callable, Sequence
 
     from .wal import ReplicaProbe
 
-__all__ = ["Health", "ReplicaState", "describe_error"]
+__all__ = ["INTERRUPTED", "Check", "Health", "Plan", "ReplicaState", "describe_error"]
+
+# Set on an error that the router caused by cutting off a hung replica's connections.
+INTERRUPTED = "_replicated_interrupted"
 
 logger = logging.getLogger("replicated")
 
@@ -39,7 +41,8 @@ class ReplicaState:
 
     ``overdue_since`` is set while a position check is still out past its deadline:
     the replica gets no reads until that check answers (then it counts at once) or
-    fails (then it is marked down).
+    fails (then it is marked down). ``epoch`` goes up at every down-mark: a check
+    that started before it cannot say the replica is fine.
     """
 
     node: Node
@@ -53,6 +56,25 @@ class ReplicaState:
     needs_check: bool = False
     failures: int = 0
     warned_not_in_recovery: bool = False
+    epoch: int = 0
+    checking_since: float | None = None  # the start of the latest check still out
+    checks_out: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A position check handed out by ``Health.plan()``: give it back to ``finish()``."""
+
+    node: Node
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the prober does now: start ``checks``; ``overdue`` replicas just became so."""
+
+    checks: list[Check]
+    overdue: list[Node]
 
 
 class Health:
@@ -61,7 +83,7 @@ class Health:
     ``probing`` is False where positions cannot be read (SQLite): replicas are then
     usable unless marked down. Where they can, a replica that was marked down serves
     reads again only once a check after its downtime says it is fine; before the
-    first check of all (the very first request makes it), replicas count as usable.
+    first check of all, replicas count as usable.
     """
 
     def __init__(
@@ -76,7 +98,7 @@ class Health:
         secrets: Sequence[str] = (),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.states = {node.name: ReplicaState(node) for node in replicas}
+        self._nodes = tuple(replicas)
         self._probing = probing
         self.check_interval = check_interval
         self.max_lag = max_lag
@@ -84,18 +106,24 @@ class Health:
         self.probe_timeout = probe_timeout
         self.clock = clock
         self.secrets = tuple(s for s in secrets if s)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything known of the replicas, as at creation.
+
+        For a child process after a fork: the parent's checks never answer there, and
+        a thread of the parent may have held the lock, which is replaced.
+        """
+        self._lock = threading.Lock()
+        self.states = {node.name: ReplicaState(node) for node in self._nodes}
         self.refreshes = 0
         self.marked_down = 0
-        self._next_refresh = 0.0
-        self._refresh_lock = threading.Lock()
-        self._state_lock = threading.Lock()
         self._starved = False
         self._version = 0
         self._views: tuple[int, float, tuple[ReplicaView, ...]] | None = None
         # What views() answers, while no downtime is running: until a change of state,
         # the request path reads this attribute and skips the call. None: call views().
         self.stable_views: tuple[ReplicaView, ...] | None = None
-        self._pending: set[asyncio.Future[ReplicaProbe]] = set()
 
     # -- reading -------------------------------------------------------------------
 
@@ -108,7 +136,8 @@ class Health:
         """Every replica as the routing decision sees it now.
 
         Built again only after a change of state or when a downtime ends, so the
-        requests in between share one tuple.
+        requests in between share one tuple. Takes no lock: a view built while a
+        change lands is dropped, as the change bumped the version.
         """
         now = self.clock()
         cached = self._views
@@ -136,7 +165,7 @@ class Health:
         return views
 
     def _changed(self) -> None:
-        # Called after every change that may change a view.
+        # Called, under the lock, after every change that may change a view.
         self._version += 1
         self.stable_views = None
 
@@ -163,149 +192,138 @@ class Health:
             self._starved = False
             logger.warning("A replica is usable again: reads go back to the replicas.")
 
-    # -- refreshing ----------------------------------------------------------------
+    # -- checking ------------------------------------------------------------------
 
-    def _claim(self) -> list[Node] | None:
-        """The replicas to probe, if a refresh is due and nobody else is doing it."""
+    def plan(self, slack: float = 0.0) -> Plan:
+        """The position checks to start now; the prober calls it once per interval.
+
+        A replica gets a check unless it is marked down or its last check is still
+        out. A check out for longer than ``probe_timeout`` makes its replica overdue
+        (no reads until the check answers); a hung replica is asked again only once
+        a downtime has passed since its last check started, so that it collects one
+        stuck check per downtime, not one per interval. ``slack`` is added to that
+        timeout: how late the prober itself runs (an event loop busy with requests
+        answers every check late, however fast the replica).
+        """
+        checks: list[Check] = []
+        overdue: list[Node] = []
         if not self._probing:
-            return None
-        now = self.clock()
-        if now < self._next_refresh or not self._refresh_lock.acquire(blocking=False):
-            return None
-        if now < self._next_refresh:  # another thread refreshed in between
-            self._refresh_lock.release()
-            return None
-        self._next_refresh = now + self.check_interval
-        self.refreshes += 1
-        # A replica with an overdue check is asked again only after the downtime, so
-        # that a hung server does not collect one stuck check per interval.
-        return [
-            s.node
-            for s in self.states.values()
-            if now >= s.down_until
-            and (s.overdue_since is None or now >= s.overdue_since + self.downtime)
-        ]
-
-    def refresh(self, probe: Callable[[Node], ReplicaProbe]) -> None:
-        """Probe the replicas if due (sync adapters). Never raises for a failed probe.
-
-        The replicas are probed in parallel, each in a thread of its own, waited for
-        ``probe_timeout`` seconds at most (a pooled connection to a stopped server
-        never times out by itself); a late answer still counts when it comes.
-        """
-        nodes = self._claim()
-        if nodes is None:
-            return
-        try:
-            checks = []
-            for node in nodes:
-                done = threading.Event()
-
-                def run(node: Node = node, done: threading.Event = done) -> None:
-                    try:
-                        self._finish(node, probe(node))
-                    except Exception as error:
-                        self._finish(node, error)
-                    finally:
-                        done.set()
-
-                threading.Thread(
-                    target=run, name=f"replicated-probe-{node.name}", daemon=True
-                ).start()
-                checks.append((node, done))
-            deadline = self.clock() + self.probe_timeout
-            for node, done in checks:
-                if not done.wait(max(0.0, deadline - self.clock())):
-                    self._overdue(node, done.is_set)
-        finally:
-            self._refresh_lock.release()
-
-    async def refresh_async(self, probe: Callable[[Node], Awaitable[ReplicaProbe]]) -> None:
-        """Probe the replicas if due (async adapters). Never raises for a failed probe.
-
-        A probe still running after ``probe_timeout`` seconds is left to finish (its
-        answer still counts) but not awaited: the replica gets no reads meanwhile.
-        """
-        nodes = self._claim()
-        if nodes is None:
-            return
-        try:
-            checks = {}
-            for node in nodes:
-                task = asyncio.ensure_future(probe(node))
-                self._pending.add(task)
-                task.add_done_callback(functools.partial(self._finish_task, node))
-                checks[task] = node
+            return Plan(checks, overdue)
+        with self._lock:
+            now = self.clock()
+            for state in self.states.values():
+                if now < state.down_until:
+                    continue
+                started = state.checking_since
+                if started is not None:
+                    if state.overdue_since is None and now - started >= self.probe_timeout + slack:
+                        state.overdue_since = now
+                        self._changed()
+                        overdue.append(state.node)
+                    if now < started + self.downtime:
+                        continue
+                state.checking_since = now
+                state.checks_out += 1
+                checks.append(Check(state.node, state.epoch))
             if checks:
-                await asyncio.wait(checks, timeout=self.probe_timeout)
-            for task, node in checks.items():
-                if not task.done():
-                    self._overdue(node, task.done)
-        finally:
-            self._refresh_lock.release()
+                self.refreshes += 1
+        for node in overdue:
+            logger.warning(
+                "Replica '%s' did not answer its position check within %g s; it gets no "
+                "reads until it does.",
+                node.name,
+                self.probe_timeout,
+            )
+        return Plan(checks, overdue)
 
-    def _finish_task(self, node: Node, task: asyncio.Future[ReplicaProbe]) -> None:
-        self._pending.discard(task)
-        if task.cancelled():
-            return
-        error = task.exception()
-        self._finish(node, task.result() if error is None else error)
+    def abandon_checks(self) -> None:
+        """Forget the checks still out: their prober is gone (its event loop closed).
 
-    def _overdue(self, node: Node, answered: Callable[[], bool]) -> None:
-        with self._state_lock:
-            state = self.states[node.name]
-            if answered() or state.overdue_since is not None:
-                return
-            state.overdue_since = self.clock()
-            self._changed()
-        logger.warning(
-            "Replica '%s' did not answer its position check within %g s; it gets no reads "
-            "until it does.",
-            node.name,
-            self.probe_timeout,
-        )
+        A replica kept out only because such a check never answered gets checked
+        again at the next ``plan()``; an answer that still comes counts as usual.
+        """
+        with self._lock:
+            for state in self.states.values():
+                state.checks_out = 0
+                state.checking_since = None
+                if state.overdue_since is not None:
+                    state.overdue_since = None
+                    self._changed()
 
-    def _finish(self, node: Node, outcome: ReplicaProbe | BaseException) -> None:
-        with self._state_lock:
-            state = self.states[node.name]
-            late_by = None
+    def drop(self, check: Check) -> None:
+        """Forget ``check``, from ``plan()``, which its prober never ran (it stopped)."""
+        with self._lock:
+            state = self.states[check.node.name]
+            state.checks_out = max(0, state.checks_out - 1)
+            if state.checks_out == 0:
+                state.checking_since = None
+                if state.overdue_since is not None:
+                    state.overdue_since = None
+                    self._changed()
+
+    def finish(self, check: Check, outcome: ReplicaProbe | BaseException) -> None:
+        """Store the answer (or the error) of ``check``, from ``plan()``.
+
+        An error marks the replica down. An answer to a check that started before
+        the replica was last marked down is dropped: it says nothing of the replica
+        since the failure.
+        """
+        notes: list[tuple[str, tuple[object, ...]]] = []
+        with self._lock:
+            state = self.states[check.node.name]
+            state.checks_out = max(0, state.checks_out - 1)
+            if state.checks_out == 0:
+                state.checking_since = None
             if state.overdue_since is not None:
                 late_by = self.clock() - state.overdue_since + self.probe_timeout
                 state.overdue_since = None
                 self._changed()
-        if isinstance(outcome, BaseException):
-            self.mark_down(node, outcome)
-            return
-        if late_by is not None:
-            logger.warning(
-                "Replica '%s' answered its position check after %.1f s; it serves reads again.",
-                node.name,
-                late_by,
-            )
-        self.record(node, outcome)
+                if not isinstance(outcome, BaseException) and check.epoch == state.epoch:
+                    notes.append(
+                        (
+                            "Replica '%s' answered its position check after %.1f s; it "
+                            "serves reads again.",
+                            (check.node.name, late_by),
+                        )
+                    )
+            if isinstance(outcome, BaseException):
+                self._mark_down(state, outcome, notes)
+            elif check.epoch == state.epoch:
+                self._record(state, outcome, notes)
+        _log(notes)
 
     def record(self, node: Node, probe: ReplicaProbe) -> None:
-        """Store a successful probe of ``node``."""
-        state = self.states[node.name]
+        """Store a successful probe of ``node``, made just now (status command)."""
+        notes: list[tuple[str, tuple[object, ...]]] = []
+        with self._lock:
+            self._record(self.states[node.name], probe, notes)
+        _log(notes)
+
+    def _record(
+        self, state: ReplicaState, probe: ReplicaProbe, notes: list[tuple[str, tuple[object, ...]]]
+    ) -> None:
         state.probe = probe
         state.lag_seconds = self._lag(state, probe)
         state.needs_check = False
-        self._changed()
         if state.down_since is not None:
-            logger.warning(
-                "Replica '%s' answers again after %.1f s; it serves reads again.",
-                node.name,
-                self.clock() - state.down_since,
+            notes.append(
+                (
+                    "Replica '%s' answers again after %.1f s; it serves reads again.",
+                    (state.node.name, self.clock() - state.down_since),
+                )
             )
             state.down_since = None
             state.down_until = 0.0
-            self._changed()
+        self._changed()
         if not probe.in_recovery and not state.warned_not_in_recovery:
             state.warned_not_in_recovery = True
-            logger.warning(
-                "Replica '%s' is not in recovery: it is a primary, not a standby. It gets "
-                "no reads until it is a standby again; check its URL in SQLALCHEMY_BINDS.",
-                node.name,
+            notes.append(
+                (
+                    "Replica '%s' is not in recovery: it is a primary, not a standby. It "
+                    "gets no reads until it is a standby again; check its URL in "
+                    "SQLALCHEMY_BINDS.",
+                    (state.node.name,),
+                )
             )
 
     def _lag(self, state: ReplicaState, probe: ReplicaProbe) -> float:
@@ -339,28 +357,61 @@ class Health:
     def mark_down(self, node: Node, error: BaseException) -> None:
         """Leave ``node`` alone for the downtime, after a failed connect or probe.
 
-        Its last position is forgotten: after the downtime, a fresh check must say
-        it is fine before it serves reads again.
+        Its last position is forgotten, and checks already out when it failed no
+        longer count: after the downtime, a check started after it must say it is
+        fine before it serves reads again. Except for a timeout while a check is out:
+        the server is slow to answer, not gone, and that check tells which (the
+        replica is overdue meanwhile, as if the check had run past its deadline).
         """
-        state = self.states[node.name]
+        if getattr(error, INTERRUPTED, False):
+            return  # the router cut it off while it was overdue: it is out already
+        notes: list[tuple[str, tuple[object, ...]]] = []
+        with self._lock:
+            state = self.states[node.name]
+            if state.checking_since is not None and _is_timeout(error):
+                state.failures += 1
+                self.marked_down += 1
+                if state.overdue_since is None:
+                    state.overdue_since = self.clock()
+                    self._changed()
+            else:
+                self._mark_down(state, error, notes)
+        _log(notes)
+
+    def _mark_down(
+        self, state: ReplicaState, error: BaseException, notes: list[tuple[str, tuple[object, ...]]]
+    ) -> None:
         now = self.clock()
         state.failures += 1
         self.marked_down += 1
+        state.epoch += 1
         state.probe = None
         state.needs_check = True
         state.waiting.clear()
         state.first_seen = None
         first = now >= state.down_until and state.down_since is None
         state.down_until = now + self.downtime
-        self._changed()
         if first:
             state.down_since = now
-            logger.warning(
-                "Replica '%s' is down (%s); it gets no reads for %g s.",
-                node.name,
-                describe_error(error, self.secrets),
-                self.downtime,
+            notes.append(
+                (
+                    "Replica '%s' is down (%s); it gets no reads for %g s.",
+                    (state.node.name, describe_error(error, self.secrets), self.downtime),
+                )
             )
+        self._changed()
+
+
+def _is_timeout(error: BaseException) -> bool:
+    # psycopg's ConnectionTimeout, asyncpg's and the socket's TimeoutError.
+    cause = getattr(error, "orig", None) or error
+    return isinstance(cause, TimeoutError) or type(cause).__name__ == "ConnectionTimeout"
+
+
+def _log(notes: Sequence[tuple[str, tuple[object, ...]]]) -> None:
+    # Logged once the lock is released: a slow handler must not hold up the others.
+    for message, args in notes:
+        logger.warning(message, *args)
 
 
 def describe_error(error: BaseException, secrets: Sequence[str] = ()) -> str:

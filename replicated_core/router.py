@@ -6,12 +6,16 @@ start of each request, and ask ``node()`` whenever SQLAlchemy needs a bind.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import os
 import random
+import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -22,7 +26,7 @@ from .config import ReplicatedConfig, StickyMode
 from .counters import Counters
 from .errors import ReplicaWriteError
 from .failover import note_replica_error
-from .health import Health, describe_error
+from .health import INTERRUPTED, Health, describe_error
 from .intent import (
     Intent,
     current_override,
@@ -32,6 +36,7 @@ from .intent import (
     override_var,
     scope_var,
 )
+from .prober import TaskProber, ThreadProber
 from .routing import (
     Decision,
     Node,
@@ -50,8 +55,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from sqlalchemy.engine import Connection, Engine
-
-    from .wal import ReplicaProbe
+    from sqlalchemy.pool import ConnectionPoolEntry
 
 __all__ = ["CookieUpdate", "Router"]
 
@@ -71,6 +75,25 @@ _MAX_FACTS = 4096
 
 # The three ways a dialect hands a statement to the driver.
 _EXECUTE_HOOKS = ("do_execute", "do_executemany", "do_execute_no_params")
+
+# Set in a pooled connection's ``info`` while it runs a position check, or after the
+# router cut it off from a hung replica.
+PROBE_MARK = "replicated.probe"
+_CUT_MARK = "replicated.cut"
+
+# Every live router, for the fork handler below.
+_ROUTERS: weakref.WeakSet[Router] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for router in list(_ROUTERS):
+        router.after_fork()
+
+
+# Once per process, at import: gunicorn --preload, uWSGI without lazy-apps and
+# multiprocessing's fork start method all fork after the app (and its routers) exist.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Headers(Protocol):
@@ -160,8 +183,13 @@ class Router:
         )
         self._replica_by_engine = {id(n.engine): n for n in self.replicas}
         self.counters = Counters()
-        self._probe: Callable[[Node], ReplicaProbe] | None = None
-        self._probe_for_reads: Callable[[Node], ReplicaProbe] | None = None
+        self._prober: ThreadProber | TaskProber | None = None
+        self._thread_prober: ThreadProber | None = None
+        # Pooled connections of each replica, to cut off those stuck on a hung one.
+        self._entries: dict[str, weakref.WeakSet[ConnectionPoolEntry]] = {
+            n.name: weakref.WeakSet() for n in self.replicas
+        }
+        self._entries_lock = threading.Lock()
         if codec is None and self._sticky_mode is not StickyMode.OFF:
             logger.warning(
                 "SECRET_KEY is not set, so the sticky cookie cannot be signed and is not "
@@ -187,6 +215,7 @@ class Router:
         self._time_update: tuple[int, str, bool, CookieUpdate] | None = None
         self._warned_late_commit = False
         self._install_guards()
+        _ROUTERS.add(self)
 
     # The cookie settings are read-only: what the request path keeps of them is
     # worked out once, here.
@@ -207,15 +236,74 @@ class Router:
         return self._sticky_ttl
 
     @property
-    def probe(self) -> Callable[[Node], ReplicaProbe] | None:
-        """A sync probe of one replica, set by sync adapters: settle() and
-        use_replica() outside a request then refresh positions themselves when due."""
-        return self._probe
+    def prober(self) -> ThreadProber | TaskProber | None:
+        """What checks replica positions in the background, set by the adapter.
 
-    @probe.setter
-    def probe(self, probe: Callable[[Node], ReplicaProbe] | None) -> None:
-        self._probe = probe
-        self._probe_for_reads = probe if self.health.probing else None
+        A ``ThreadProber`` (sync adapters) is started by ``settle()`` for the first
+        request that reads, or by ``use_replica()`` outside a request; an async
+        adapter starts its ``TaskProber`` in its request hook. None where positions
+        cannot be read (SQLite).
+        """
+        return self._prober
+
+    @prober.setter
+    def prober(self, prober: ThreadProber | TaskProber | None) -> None:
+        if not self.health.probing:
+            prober = None
+        self._prober = prober
+        self._thread_prober = prober if isinstance(prober, ThreadProber) else None
+
+    def after_fork(self) -> None:
+        """Make this router safe to use in a child process right after a fork.
+
+        Called for every live router by an ``os.register_at_fork`` handler: a new
+        random generator (else every worker picks the same replicas in the same
+        order), fresh health, locks and prober (the parent's threads do not exist
+        here; its locks may have been held by one of them), fresh counters, and new
+        pools for the primary and replica engines, as SQLAlchemy documents for
+        forks (``dispose(close=False)``: the parent's connections are left to it).
+        """
+        self._random = random.Random()
+        self._settling = threading.Lock()
+        self.counters = Counters()
+        self.health.reset()
+        if self._prober is not None:
+            self._prober.reset()
+        self._entries_lock = threading.Lock()
+        for entries in self._entries.values():
+            entries.clear()
+        for node in (self.primary, *self.replicas):
+            node.engine.dispose(close=False)
+
+    def close(self) -> None:
+        """Stop a ``ThreadProber`` and wait briefly for its checks in flight; the
+        next read starts it again. Call it before disposing of the engines."""
+        if self._thread_prober is not None:
+            self._thread_prober.stop()
+
+    def cut_off(self, node: Node) -> None:
+        """Release the requests stuck on ``node``, a replica whose check is overdue.
+
+        A paused server never answers and its sockets never time out, so each read
+        on it would hold its worker until it runs again. Shutting down the sockets of
+        its pooled connections (but not the position check's, whose answer tells when
+        it is back) makes those reads fail at once; failover then sends each to
+        another node, and the replica is not marked down for it. Sync drivers only.
+        """
+        with self._entries_lock:
+            entries = list(self._entries.get(node.name, ()))
+        for entry in entries:
+            dbapi = entry.dbapi_connection
+            fileno = getattr(dbapi, "fileno", None)
+            if dbapi is None or fileno is None or entry.info.get(PROBE_MARK):
+                continue
+            entry.info[_CUT_MARK] = True
+            with contextlib.suppress(Exception):  # closed meanwhile
+                sock = socket.socket(fileno=os.dup(fileno()))
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                finally:
+                    sock.close()
 
     # -- per request -------------------------------------------------------------
 
@@ -260,8 +348,8 @@ class Router:
         """Make the decision of ``scope`` (opened by ``open``) from the request's facts
         and its sticky cookie. The request is counted when it ends.
 
-        With a sync ``probe`` set (Flask), replica positions are refreshed first when
-        due; async adapters refresh them before calling ``begin``.
+        With a ``ThreadProber`` (Flask), the first request that reads starts it;
+        async adapters start theirs before calling ``begin``.
         """
         # Ready-made answers for most requests; ``decide`` for the rest. A property
         # test checks they agree with it.
@@ -269,8 +357,11 @@ class Router:
         counted: tuple[str, ...] | None = None
         sticky = None
         if facts.reads:
-            if self._probe_for_reads is not None:
-                self.health.refresh(self._probe_for_reads)
+            prober = self._thread_prober
+            if prober is not None:
+                prober.used = True  # keeps it from stopping for want of use
+                if not prober.running:
+                    prober.ensure_started()
             codec = self._codec_in_use
             if cookie is not None and codec is not None:
                 sticky = codec.loads(cookie, self._sticky_ttl)
@@ -498,16 +589,18 @@ class Router:
         scope = self.scope()
         return scope is not None and scope.decision.node is node
 
-    def reroute(self, failed: Node) -> None:
-        """Send the current request's (or block's) reads elsewhere after ``failed`` failed."""
+    def reroute(self, failed: Sequence[Node]) -> None:
+        """Send the current request's (or block's) reads elsewhere after the last of
+        ``failed`` failed, to none of them."""
         self.counters.add("retries")
-        views = [v for v in self.health.views() if v.node is not failed]
+        last = failed[-1]
+        views = [v for v in self.health.views() if v.node not in failed]
         usable = [v.node for v in views if v.usable]
         override = current_override()
-        if override is not None and override.node is failed:
+        if override is not None and override.node is last:
             override.node = self._choose(usable) if usable else self.primary
         scope = self.scope()
-        if scope is not None and scope.decision.node is failed:
+        if scope is not None and scope.decision.node is last:
             again = decide(scope.facts, scope.sticky, self.primary, views, self._choose)
             scope.decision = Decision(again.node, Reason.FAILOVER, again.drop_cookie)
 
@@ -519,9 +612,10 @@ class Router:
     def _replica_for_block(self, scope: RequestScope | None) -> Node:
         if scope is not None and scope.decision.node.role is Role.REPLICA:
             return scope.decision.node
-        if scope is None and self.probe is not None:
-            # Outside requests nobody else keeps the positions fresh (sync adapters).
-            self.health.refresh(self.probe)
+        prober = self._prober
+        if scope is None and prober is not None:
+            # A job outside requests may be the first reader of the process.
+            prober.ensure_started()
         usable = [view.node for view in self.health.views() if view.usable]
         return self._choose(usable) if usable else self.primary
 
@@ -550,6 +644,8 @@ class Router:
                 event.listen(node.engine, hook, refuse)
             event.listen(node.engine, "handle_error", self._on_replica_error(node))
             event.listen(node.engine, "do_connect", self._limit_connect_time)
+            event.listen(node.engine, "connect", self._remember_entry(node))
+            event.listen(node.engine, "engine_disposed", self._on_disposed)
 
     def _limit_connect_time(self, dialect: Any, rec: Any, cargs: Any, cparams: Any) -> None:
         # A replica that hangs must not hang the request: bound the connect, unless the
@@ -640,9 +736,29 @@ class Router:
 
         return refuse
 
+    def _on_disposed(self, engine: Any) -> None:
+        # An app (or test) shutting down disposes of its engines: a prober still
+        # checking would open new connections that nobody closes. Once it stopped,
+        # what a check put back meanwhile is closed too. The next read starts it again.
+        if self._thread_prober is not None and self._thread_prober.running:
+            self.close()
+            engine.pool.dispose()
+
+    def _remember_entry(self, node: Node) -> Any:
+        def remember(dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:
+            with self._entries_lock:
+                self._entries[node.name].add(entry)
+
+        return remember
+
     def _on_replica_error(self, node: Node) -> Any:
         def on_error(context: Any) -> None:
             orig = context.original_exception
+            conn = context.connection
+            if conn is not None and not conn.closed and conn.info.get(_CUT_MARK):
+                # Cut off by cut_off(): not a failure of the replica.
+                setattr(context.sqlalchemy_exception, INTERRUPTED, True)
+                setattr(orig, INTERRUPTED, True)
             code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
             if code == _READ_ONLY_SQLSTATE or (
                 # lo_create: XX000 "cannot assign OIDs during recovery"; SET

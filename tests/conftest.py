@@ -3,7 +3,6 @@ come from the project's own pytest plugin, replicated_core.pytest_plugin."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -131,8 +130,5 @@ def fault_flask_factory(fault_backend: Backend) -> Iterator[Callable[..., Any]]:
         return app
 
     yield build
-    for thread in threading.enumerate():
-        if thread.name.startswith("replicated-probe-"):
-            thread.join(timeout=10)
     for app in apps:
         dispose_flask_app(app)

@@ -142,12 +142,14 @@ def make_flask_app(backend: Backend, replica: str | list[str] = "replica", **con
 
 
 def dispose_flask_app(app: Any) -> None:
-    """Close every pooled connection of the app's engines, and of its replicas given
-    by URL (REPLICATED_REPLICAS), which are not among Flask-SQLAlchemy's engines."""
+    """Stop the app's position prober and close every pooled connection of its
+    engines, and of its replicas given by URL (REPLICATED_REPLICAS), which are not
+    among Flask-SQLAlchemy's engines."""
     engines = list(app.db._app_engines[app].values())
     rep = app.extensions.get("replicated")
     if rep is not None:
         router = rep.router(app)
+        router.close()
         engines += [node.engine for node in (router.primary, *router.replicas)]
     for engine in {id(e): e for e in engines}.values():
         engine.dispose()

@@ -185,6 +185,7 @@ async def test_quart_replica_fault_under_load(fault_backend, fault_cluster, scen
                 r1.start()
     found = figures(samples, times[0], times[1], "r1")
     reliability(f"Quart: {scenario}", found)
+    assert [repr(error)[:300] for error in app.errors] == []
     assert found["failed"] == 0
     assert found["traffic back after (s)"] is not None
 

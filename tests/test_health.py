@@ -125,3 +125,66 @@ def test_stable_views_follow_every_change_and_downtime():
     assert h.stable_views is None
     assert h.views()[0].usable
     assert h.stable_views is not None
+
+
+class InterleavingClock(Clock):
+    """A clock that, at its ``at``-th reading, runs ``action`` in another thread, as if
+    the scheduler switched threads right there, and gives it 0.2 s to finish (it cannot
+    while the reader holds a lock it needs)."""
+
+    def __init__(self, at, action):
+        super().__init__()
+        self.readings, self.at, self.action = 0, at, action
+        self.thread = None
+
+    def __call__(self):
+        self.readings += 1
+        if self.readings == self.at:
+            import threading
+
+            self.thread = threading.Thread(target=self.action)
+            self.thread.start()
+            self.thread.join(0.2)
+        return self.now
+
+
+def test_a_failure_during_a_check_being_recorded_is_not_undone():
+    """A request marks the replica down while a check's answer is being recorded: both
+    must land as if one came after the other. Without the lock, the failure lands in
+    the middle of the record, which then clears the downtime it just started: the
+    replica serves reads again at once, with no position known."""
+    h = None
+
+    def fail():
+        h.mark_down(NODE, ConnectionResetError("reset"))
+
+    clock = InterleavingClock(at=1, action=fail)
+    h = health(clock)
+    h.record(NODE, probe(100, 100, 0.0))  # reads the clock once: the failure comes then
+    clock.thread.join()
+    assert (h.marked_down, h.states["r1"].down_until) == (1, 1005.0)
+    assert not h.usable("r1")
+
+
+def test_a_check_started_before_a_failure_cannot_end_the_downtime():
+    """A position check starts; a request then fails on the replica and marks it down;
+    the check's answer arrives after that. It says nothing of the replica since the
+    failure, so the replica stays down for its downtime and needs a check started after
+    the failure."""
+    clock = Clock()
+    h = health(clock)
+    h.record(NODE, probe(100, 100, 0.0))
+    (check,) = h.plan().checks  # the prober starts a check of r1
+    assert check.node is NODE
+    clock.now += 0.05
+    h.mark_down(NODE, ConnectionResetError("reset"))
+    clock.now += 0.05
+    h.finish(check, probe(100, 100, 0.0))  # the stale answer
+    assert not h.usable("r1")
+    assert h.states["r1"].down_until == 1000.05 + 5
+    assert h.plan().checks == []  # no check during the downtime
+    clock.now += 6
+    (check,) = h.plan().checks
+    assert not h.usable("r1")  # downtime over, but no check has said it is fine yet
+    h.finish(check, probe(100, 100, 0.0))
+    assert h.usable("r1")

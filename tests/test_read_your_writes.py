@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -380,10 +379,11 @@ def test_a_recovery_conflict_is_retried_once_on_another_node(fault_backend, faul
 
 
 def test_a_paused_replica_is_marked_down_within_the_timeout(fault_backend, fault_cluster):
-    """SIGSTOP on r1 with a warm pool: no connect happens, so only the probe's own
-    deadline can notice. The request that runs the check waits at most
-    REPLICATED_CONNECT_TIMEOUT, then it and the next ones read from r2; the moment r1
-    runs again its late answer counts and it is usable again."""
+    """SIGSTOP on r1 with a warm pool: no connect happens, so only the position check's
+    own deadline can notice. A request reading on r1 meanwhile waits at most about
+    REPLICATED_CONNECT_TIMEOUT (then the router cuts its connection and it fails over
+    to r2), and the next ones read from r2; the moment r1 runs again the late answer
+    of its check counts and it is usable again."""
     app = make_flask_app(
         fault_backend,
         replica=["r1", "r2"],
@@ -405,11 +405,10 @@ def test_a_paused_replica_is_marked_down_within_the_timeout(fault_backend, fault
         usable_while_paused = router.health.usable("r1")
     finally:
         r1.resume()
-    # The abandoned probe answers once r1 runs again; let it hand its connection back
-    # before the pool goes away.
-    for thread in threading.enumerate():
-        if thread.name.startswith("replicated-probe-"):
-            thread.join(timeout=10)
+    # The check still out answers once r1 runs again: give it the time to.
+    deadline = time.monotonic() + 10
+    while not router.health.usable("r1") and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert first.headers[HEADER] == "r2"
     assert waited < 5  # a bound, not a benchmark: without the deadline it never returns
     assert served == {"r2"}
