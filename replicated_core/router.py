@@ -31,7 +31,6 @@ from .intent import (
     Intent,
     current_override,
     current_scope,
-    enter_scope,
     forces_primary,
     override_var,
     scope_var,
@@ -54,7 +53,7 @@ from .wal import PRIMARY_POSITION_SQL, format_lsn, parse_lsn
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.engine import Connection
     from sqlalchemy.pool import ConnectionPoolEntry
 
 __all__ = ["CookieUpdate", "Router"]
@@ -181,7 +180,6 @@ class Router:
             probe_timeout=config.connect_timeout,
             secrets=[n.engine.url.password or "" for n in (primary, *self.replicas)],
         )
-        self._replica_by_engine = {id(n.engine): n for n in self.replicas}
         self.counters = Counters()
         self._prober: ThreadProber | TaskProber | None = None
         self._thread_prober: ThreadProber | None = None
@@ -330,7 +328,7 @@ class Router:
         """Decide where the request reads and make that the current scope."""
         scope = RequestScope(self)
         self.settle(scope, facts, cookie)
-        enter_scope(scope)
+        scope.token = scope_var.set(scope)
         return scope
 
     def open(self, resolver: Callable[[RequestScope], None]) -> RequestScope:
@@ -431,11 +429,6 @@ class Router:
     def needs_positions(self, facts: RequestFacts) -> bool:
         """Whether a request with ``facts`` reads from replicas, so wants fresh health."""
         return facts.readonly and not facts.forced_primary and self.health.probing
-
-    def served_by(self) -> Node | None:
-        """The node that served the current request's default reads, if in one."""
-        scope = self.scope()
-        return scope.decision.node if scope is not None else None
 
     def scope(self) -> RequestScope | None:
         """The scope of the request this router is serving now, if any."""
@@ -564,10 +557,6 @@ class Router:
             override.node = self._replica_for_block(scope)
         return override.node
 
-    def engine(self) -> Engine:
-        """The sync Engine for the next statement."""
-        return self.node().engine
-
     # -- replicas ----------------------------------------------------------------
 
     def node_named(self, name: str) -> Node:
@@ -576,10 +565,6 @@ class Router:
             if node.name == name:
                 return node
         raise KeyError(name)
-
-    def replica_of(self, bind: object) -> Node | None:
-        """The replica node whose engine is ``bind``, or None (primary, other binds)."""
-        return self._replica_by_engine.get(id(bind))
 
     def reads_go_to(self, node: Node) -> bool:
         """Whether the current block's, or else request's, reads go to ``node``."""
