@@ -645,7 +645,6 @@ class Router:
             event.listen(node.engine, "handle_error", self._on_replica_error(node))
             event.listen(node.engine, "do_connect", self._limit_connect_time)
             event.listen(node.engine, "connect", self._remember_entry(node))
-            event.listen(node.engine, "engine_disposed", self._on_disposed)
 
     def _limit_connect_time(self, dialect: Any, rec: Any, cargs: Any, cparams: Any) -> None:
         # A replica that hangs must not hang the request: bound the connect, unless the
@@ -735,14 +734,6 @@ class Router:
                 raise ReplicaWriteError(self.write_message(node, kind))
 
         return refuse
-
-    def _on_disposed(self, engine: Any) -> None:
-        # An app (or test) shutting down disposes of its engines: a prober still
-        # checking would open new connections that nobody closes. Once it stopped,
-        # what a check put back meanwhile is closed too. The next read starts it again.
-        if self._thread_prober is not None and self._thread_prober.running:
-            self.close()
-            engine.pool.dispose()
 
     def _remember_entry(self, node: Node) -> Any:
         def remember(dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:
