@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from sqlalchemy import Engine
+    from sqlalchemy.pool import Pool
+
     from .health import Check, Health
     from .routing import Node
     from .wal import ReplicaProbe
@@ -118,6 +121,7 @@ class ThreadProber:
         self._first_left = 0
         self._workers: dict[str, _Worker] = {}
         self._thread: threading.Thread | None = None
+        self._pools: list[tuple[Engine, Pool]] = []
 
     def ensure_started(self) -> None:
         """Start the prober unless it runs. The first start in a process (or since a
@@ -136,6 +140,7 @@ class ThreadProber:
             self._first_round.wait(self.health.probe_timeout)
 
     def _start(self) -> None:
+        self._pools = [(s.node.engine, s.node.engine.pool) for s in self.health.states.values()]
         self._stop = threading.Event()
         self._first_round = threading.Event()
         self._thread = threading.Thread(
@@ -159,6 +164,18 @@ class ThreadProber:
             self._used_at = now
         elif now - self._used_at > self.idle_stop:
             self.stop()
+            return False
+        disposed = [engine for engine, pool in self._pools if engine.pool is not pool]
+        if disposed:
+            # The app (or a test) shut down with engine.dispose(): checks would open
+            # connections in the new pools that nobody closes. Once the checks in
+            # flight are back, what they put there is closed too. The next read
+            # starts the prober again. (Seen here rather than by an engine_disposed
+            # listener, which would make SQLAlchemy join event dispatchers on every
+            # connection of the engine: 90 function calls per request.)
+            self.stop()
+            for engine in disposed:
+                engine.pool.dispose()
             return False
         with self._lock:  # a stop() meanwhile must not be followed by new checks
             if not self.running:

@@ -560,7 +560,6 @@ class Router:
         for node in self.replicas:
             guard_replica(node, self.config.connect_timeout)
             event.listen(node.engine, "connect", self._remember_entry(node))
-            event.listen(node.engine, "engine_disposed", self._on_disposed)
 
     # Listeners of do_execute/do_executemany (cursor, statement, parameters, context)
     # and do_execute_no_params (cursor, statement, context): named parameters rather
@@ -631,14 +630,6 @@ class Router:
             "is logged once.",
             view,
         )
-
-    def _on_disposed(self, engine: Any) -> None:
-        # An app (or test) shutting down disposes of its engines: a prober still
-        # checking would open new connections that nobody closes. Once it stopped,
-        # what a check put back meanwhile is closed too. The next read starts it again.
-        if self._thread_prober is not None and self._thread_prober.running:
-            self.close()
-            engine.pool.dispose()
 
     def _remember_entry(self, node: Node) -> Any:
         def remember(dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:

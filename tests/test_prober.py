@@ -248,6 +248,9 @@ def test_disposing_of_the_engines_stops_the_prober(postgresql_backend):
     assert router.prober.running is True
     for engine in app.db._app_engines[app].values():
         engine.dispose()
+    deadline = time.monotonic() + 5  # the prober sees it at its next tick (0.1 s)
+    while set(prober_threads()) - others and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert router.prober.running is False
     assert set(prober_threads()) - others == set()
 
