@@ -1,11 +1,17 @@
 """Transparent retry of a read whose replica failed.
 
-A statement is retried on another node only when it is the first of its session's
-transaction (nothing has run there, so rolling back loses nothing; SQLAlchemy begins
-the transaction as soon as an object is added or changed), the request sent it to
-the replica that failed, and the view did not bind it to an engine itself. A later
-statement that fails propagates its error; the next position check or first
-statement on that replica marks it down.
+A statement is retried on another node only when the request sent it to the replica
+that failed and the view did not bind it to an engine itself. The first statement of
+its session's transaction (nothing has run there, so rolling back loses nothing;
+SQLAlchemy begins the transaction as soon as an object is added or changed) tries
+each other replica once, then the primary. A later statement is retried, on the
+primary only, when its transaction did nothing but read on the failed replica at
+READ COMMITTED (each statement had its own snapshot anyway, and the primary has
+everything that replica had, so the request never sees time go backwards) and the
+session holds no unflushed change; the rollback expires the objects loaded so far,
+which reload from the primary. Anything else (a savepoint, another database in the
+transaction, REPEATABLE READ) propagates its error: rerouting would break what the
+view relied on.
 
 The retry wraps the session's ``execute``, ``scalar`` and ``scalars``, the three
 doors every ORM read goes through (``get``, ``Query`` and lazy loads call
@@ -38,8 +44,8 @@ from .routing import Node, Role
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from sqlalchemy.engine import ExceptionContext
-    from sqlalchemy.orm import Session
+    from sqlalchemy.engine import Connection, ExceptionContext
+    from sqlalchemy.orm import Session, SessionTransaction
 
     from .router import Router
 
@@ -139,16 +145,15 @@ def with_failover(session_class: type[S], router_of: Callable[[Session], Router 
 def _retrying(method: Callable[..., Any], router_of: Callable[[Session], Router | None]) -> Any:
     @functools.wraps(method)
     def call(session: Session, *args: Any, **kwargs: Any) -> Any:
-        # This runs for every ORM statement: a statement after the first of its
-        # transaction is never retried, and costs one check.
-        retry = not session.in_transaction()
+        # This runs for every ORM statement and costs one check until one fails.
         failed: list[Node] = []
         while True:
+            first = not session.in_transaction()
             try:
                 return method(session, *args, **kwargs)
             except Exception as error:
                 bound = kwargs.get("bind_arguments")
-                if not retry or not _ready_to_retry(session, error, router_of, bound, failed):
+                if not _ready_to_retry(session, error, router_of, bound, failed, first=first):
                     raise
 
     return call
@@ -180,9 +185,9 @@ def _retrying_execute(
         _parent_execute_state: Any = None,
         _add_event: Any = None,
     ) -> Any:
-        retry = not session.in_transaction()
         failed: list[Node] = []
         while True:
+            first = not session.in_transaction()
             try:
                 return method(
                     session,
@@ -194,8 +199,8 @@ def _retrying_execute(
                     _add_event=_add_event,
                 )
             except Exception as error:
-                if not retry or not _ready_to_retry(
-                    session, error, router_of, bind_arguments, failed
+                if not _ready_to_retry(
+                    session, error, router_of, bind_arguments, failed, first=first
                 ):
                     raise
 
@@ -214,16 +219,21 @@ def _ready_to_retry(
     router_of: Callable[[Session], Router | None],
     bind_arguments: Any,
     failed: list[Node],
+    *,
+    first: bool,
 ) -> bool:
-    """After the first statement of ``session``'s transaction raised ``error``: whether
-    it may run again, on another node (then the session is rolled back and the
-    request rerouted). Only an error a replica raised is retried, and only when the
-    request (or block) sends its reads there: the primary's, a bad query's, or that
-    of a replica the view chose itself propagates as it is. A statement the caller
-    bound to an engine (``bind_arguments={"bind": ...}``) is never retried:
-    rerouting cannot move it. ``failed`` holds the replicas this statement already
-    failed on: each gets it once (two replicas gone since their last check: the
-    primary answers the third try)."""
+    """After a statement of ``session`` raised ``error``: whether it may run again, on
+    another node (then the session is rolled back and the request rerouted). Only an
+    error a replica raised is retried, and only when the request (or block) sends its
+    reads there: the primary's, a bad query's, or that of a replica the view chose
+    itself propagates as it is. A statement the caller bound to an engine
+    (``bind_arguments={"bind": ...}``) is never retried: rerouting cannot move it.
+
+    ``first`` says whether the statement began its transaction; ``failed`` holds the
+    replicas this statement already failed on: each gets it once (two replicas gone
+    since their last check: the primary answers the third try). A later statement
+    goes to the primary, and only when its transaction just read on that replica.
+    """
     if isinstance(bind_arguments, dict) and bind_arguments.get("bind") is not None:
         return False
     node = _failed_replica(error)
@@ -231,9 +241,56 @@ def _ready_to_retry(
     router = router_of(session) if failure is not None else None
     if router is None or node is None or node in failed or not router.reads_go_to(node):
         return False
+    if not first:
+        if not _only_read_on(session, node):
+            return False
+        # Every replica counts as failed: the primary is the one node known to be
+        # at least as far along as the one this transaction read from.
+        failed.extend(n for n in router.replicas if n is not node and n not in failed)
     failed.append(node)
     if failure is Failure.DOWN:
         router.health.mark_down(node, error)
     session.rollback()
     router.reroute(failed)
     return True
+
+
+_READ_COMMITTED_OR_LOWER = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
+
+
+def _only_read_on(session: Session, node: Node) -> bool:
+    """Whether rolling back ``session`` loses nothing a view relied on: its transaction
+    (no savepoint) holds one connection, to ``node``'s engine, at READ COMMITTED or
+    lower, and the session has no unflushed change."""
+    if session.new or session.dirty or session.deleted:
+        return False
+    if session.get_nested_transaction() is not None:
+        return False
+    transaction = session.get_transaction()
+    if transaction is None:
+        return False
+    connections = _connections_of(transaction)
+    if len(connections) != 1:
+        return False
+    (conn,) = connections
+    if conn.engine is not node.engine:
+        return False
+    level = conn.get_execution_options().get("isolation_level") or _engine_isolation(conn)
+    return isinstance(level, str) and level.upper() in _READ_COMMITTED_OR_LOWER
+
+
+def _connections_of(transaction: SessionTransaction) -> frozenset[Connection]:
+    # SessionTransaction.connections is SQLAlchemy 2.1.7's; before it, the same
+    # entries sit in a private dict (values: connection, transaction, two flags).
+    connections = getattr(transaction, "connections", None)
+    if connections is not None:
+        return frozenset(connections)
+    entries = getattr(transaction, "_connections", {})
+    return frozenset(entry[0] for entry in entries.values())
+
+
+def _engine_isolation(conn: Connection) -> str | None:
+    # The engine's isolation_level= (applied to each new connection), else the
+    # server's default as the dialect read it at the first connect.
+    configured = getattr(conn.dialect, "_on_connect_isolation_level", None)
+    return configured if isinstance(configured, str) else conn.default_isolation_level

@@ -354,3 +354,56 @@ def test_a_late_prober_does_not_blame_its_replica():
     assert h.plan(slack=1.4).overdue == []
     clock.now += 0.5
     assert h.plan(slack=0.2).overdue == [r1]
+
+
+def _hang_between_two_reads(fault_backend, fault_cluster, **config: Any) -> Any:
+    """GET /two-reads on an app whose only replica, r1, freezes after the request's
+    first read and before its second; the response, or the error the view raised."""
+    app = make_flask_app(fault_backend, replica="r1", REPLICATED_CONNECT_TIMEOUT=1, **config)
+    db = app.db
+    router = app.extensions["replicated"].router(app)
+    r1 = fault_cluster.replica("r1")
+
+    @app.get("/two-reads")
+    def two_reads() -> Any:
+        first = fault_backend.who(db.session)
+        r1.pause()
+        return {"first": first, "second": fault_backend.who(db.session)}
+
+    client = app.test_client()
+    try:
+        client.get("/who")  # starts the prober
+        deadline = time.monotonic() + 10
+        while not router.health.usable("slave"):
+            assert time.monotonic() < deadline, "r1 never served reads"
+            time.sleep(0.05)
+        try:
+            return client.get("/two-reads")
+        except sa.exc.OperationalError as error:
+            return error
+    finally:
+        r1.resume()
+        dispose_flask_app(app)
+
+
+def test_a_replica_that_hangs_between_two_reads_of_a_request_is_left_for_the_primary(
+    fault_backend, fault_cluster
+):
+    """r1 freezes between two reads of a request: the second, cut off once r1 is
+    overdue, is answered by the primary (which has everything r1 had, so the request
+    never sees time go backwards), not raised to the client. Its transaction only
+    read, on r1, at READ COMMITTED: rolling it back loses nothing."""
+    response = _hang_between_two_reads(fault_backend, fault_cluster)
+    assert not isinstance(response, Exception), response
+    assert (response.status_code, response.json) == (200, {"first": "r1", "second": "primary"})
+
+
+def test_a_repeatable_read_transaction_cut_off_between_two_reads_is_not_retried(
+    fault_backend, fault_cluster
+):
+    """At REPEATABLE READ the view relies on one snapshot for both reads: the lost
+    connection is the view's error, as without the router."""
+    options = {"pool_size": 10, "isolation_level": "REPEATABLE READ"}
+    error = _hang_between_two_reads(fault_backend, fault_cluster, SQLALCHEMY_ENGINE_OPTIONS=options)
+    assert isinstance(error, sa.exc.OperationalError)
+    assert "SELECT inet_server_port()" in str(error)
