@@ -122,10 +122,12 @@ class StickyCodec:
         if checked is None:
             return None
         signed_at, token = checked
-        # The stamp is in whole seconds, rounded down: the age read here is never less
-        # than the true one, so a cookie never outlives max_age (plus the skew allowed
-        # for a stamp from a host whose clock is ahead).
-        age = time.time() - signed_at
+        # The stamp is in whole seconds, rounded down, so the age is counted in whole
+        # seconds too: a cookie is honoured for at least max_age and less than one
+        # second more (plus the skew allowed for a stamp from a host whose clock is
+        # ahead). Counting the fraction as well would cut a cookie signed late in a
+        # second short by up to a second, and with it a writer's stickiness.
+        age = int(time.time()) - signed_at
         if not -CLOCK_SKEW <= age <= max_age:
             return None
         return token
