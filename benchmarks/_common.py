@@ -21,7 +21,7 @@ import sqlalchemy as sa
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
-    from replicated_core.pgcluster import PgCluster, ReplicaSpec
+    from replicated_core.testing.pgcluster import PgCluster, ReplicaSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,7 +158,7 @@ def pg_cluster(replicas: Sequence[ReplicaSpec], seed_rows: int) -> Iterator[PgCl
 
     Exits with status 0 and a message when no PostgreSQL server binaries are installed.
     """
-    from replicated_core.pgcluster import PgCluster, find_bindir
+    from replicated_core.testing.pgcluster import PgCluster, find_bindir
 
     if find_bindir() is None:
         print("   skipped: PostgreSQL server binaries not found (pg_config --bindir).")

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from replicated_core.pgcluster import ReplicaSpec
+from replicated_core.testing.pgcluster import ReplicaSpec
 
 from ._apps import DEBUG_HEADER, flask_app
 from ._common import banner, parse_args, pg_cluster, table

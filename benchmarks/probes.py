@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
-from replicated_core.pgcluster import ReplicaSpec
+from replicated_core.testing.pgcluster import ReplicaSpec
 from replicated_core.wal import REPLICA_PROBE_SQL
 
 from ._apps import flask_app, quart_app
 from ._common import banner, parse_args, pg_cluster, table, verdict
 
 if TYPE_CHECKING:
-    from replicated_core.pgcluster import PgCluster
     from replicated_core.router import Router
+    from replicated_core.testing.pgcluster import PgCluster
 
 CLIENTS = 100
 SEED_ROWS = 1000

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from replicated_core.pgcluster import PgCluster, ReplicaSpec, find_bindir
+from replicated_core.testing.pgcluster import PgCluster, ReplicaSpec, find_bindir
 
 if TYPE_CHECKING:
     from collections.abc import Callable

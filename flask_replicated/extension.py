@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to_settings
+from replicated_core.cookie import find_cookie
 from replicated_core.failover import lost_connection, with_failover
 from replicated_core.prober import ThreadProber
 from replicated_core.router import PROBE_MARK, Router
@@ -24,7 +25,7 @@ from replicated_core.status import (
     reported_by_the_table,
     status_queries,
 )
-from replicated_core.sticky import StickyCodec, find_cookie
+from replicated_core.sticky import StickyCodec
 from replicated_core.wal import REPLICA_PROBE_SQL, ReplicaProbe
 
 from .engines import install_routed_engines, prepare_engines

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, load_config, options_to_settings
+from replicated_core.cookie import find_cookie
 from replicated_core.failover import lost_connection, with_failover
 from replicated_core.prober import TaskProber
 from replicated_core.router import Router
@@ -32,7 +33,7 @@ from replicated_core.status import (
     reported_by_the_table,
     status_queries,
 )
-from replicated_core.sticky import StickyCodec, find_cookie
+from replicated_core.sticky import StickyCodec
 from replicated_core.wal import REPLICA_PROBE_SQL, ReplicaProbe
 
 from .engines import create_engines

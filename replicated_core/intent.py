@@ -79,18 +79,6 @@ def current_scope() -> RequestScope | None:
     return _scope.get()
 
 
-def enter_scope(scope: RequestScope) -> None:
-    """Make ``scope`` the current request's state until ``exit_scope(scope)``."""
-    scope.token = _scope.set(scope)
-
-
-def exit_scope(scope: RequestScope) -> None:
-    """Restore what was current before ``enter_scope(scope)``."""
-    if scope.token is not None:
-        _scope.reset(scope.token)
-        scope.token = None
-
-
 class _IntentBlock:
     """A context manager that is also a decorator for sync and async functions."""
 

@@ -36,8 +36,8 @@ __all__ = ["TaskProber", "ThreadProber"]
 _STOP_WAIT = 2.0
 
 # A prober that no request has used for this long stops; the next read starts it
-# again. A process that served at import and then only forks (a preloading server's
-# master) or an app left behind (tests) then costs nothing.
+# again. A process that served at import and then only forks (the parent process of a
+# preloading server) or an app left behind (tests) then costs nothing.
 IDLE_STOP = 10.0
 
 # How often an idle worker thread looks whether its prober is still there.

@@ -7,7 +7,6 @@ start of each request, and ask ``node()`` whenever SQLAlchemy needs a bind.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -16,22 +15,18 @@ import socket
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event
 
 from .config import ReplicatedConfig, StickyMode
+from .cookie import CookieUpdate
 from .counters import Counters
-from .errors import ReplicaWriteError
-from .failover import note_replica_error
-from .health import INTERRUPTED, Health, describe_error
+from .guards import CUT_MARK, EXECUTE_HOOKS, guard_replica
+from .health import Health, describe_error
 from .intent import (
     Intent,
     current_override,
-    current_scope,
-    enter_scope,
     forces_primary,
     override_var,
     scope_var,
@@ -54,12 +49,11 @@ from .wal import PRIMARY_POSITION_SQL, format_lsn, parse_lsn
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.engine import Connection
     from sqlalchemy.pool import ConnectionPoolEntry
 
-__all__ = ["CookieUpdate", "Router"]
+__all__ = ["Router"]
 
-_READ_ONLY_SQLSTATE = "25006"
 
 T = TypeVar("T")
 
@@ -74,12 +68,11 @@ _TIME_TOKEN = StickyToken()
 _MAX_FACTS = 4096
 
 # The three ways a dialect hands a statement to the driver.
-_EXECUTE_HOOKS = ("do_execute", "do_executemany", "do_execute_no_params")
 
 # Set in a pooled connection's ``info`` while it runs a position check, or after the
 # router cut it off from a hung replica.
 PROBE_MARK = "replicated.probe"
-_CUT_MARK = "replicated.cut"
+
 
 # Every live router, for the fork handler below.
 _ROUTERS: weakref.WeakSet[Router] = weakref.WeakSet()
@@ -94,66 +87,6 @@ def _after_fork_in_child() -> None:
 # multiprocessing's fork start method all fork after the app (and its routers) exist.
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _Headers(Protocol):
-    def add(self, key: str, value: str, /) -> None: ...
-
-
-class _Response(Protocol):
-    @property
-    def headers(self) -> _Headers: ...
-
-
-# What Werkzeug writes for a deleted cookie, for clients that ignore Max-Age=0.
-_EPOCH = "Thu, 01 Jan 1970 00:00:00 GMT"
-
-
-@functools.lru_cache(maxsize=16)
-def _cookie_attributes(max_age: int, path: str, secure: bool) -> str:
-    expires = f"; Expires={_EPOCH}" if max_age == 0 else ""
-    quoted = quote(path, safe="%!$&'()*+,/:=@")
-    return f"{expires}; Max-Age={max_age}; Path={quoted}; HttpOnly; SameSite=Lax" + (
-        "; Secure" if secure else ""
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class CookieUpdate:
-    """A change to the sticky cookie: set ``value``, or delete it when None.
-
-    Always HttpOnly and SameSite=Lax; Secure when the request came over HTTPS; at
-    the app's root path.
-    """
-
-    name: str
-    value: str | None
-    max_age: int
-    path: str
-    secure: bool
-    # The Set-Cookie header value, written once: a time-mode update is reused by
-    # every write of the same second.
-    header_value: str = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        value = "" if self.value is None else self.value
-        max_age = 0 if self.value is None else self.max_age
-        attributes = _cookie_attributes(max_age, self.path, self.secure)
-        object.__setattr__(self, "header_value", f"{self.name}={value}{attributes}")
-
-    def header(self) -> str:
-        """The ``Set-Cookie`` header value.
-
-        Written here rather than by Werkzeug's ``set_cookie``, which formats an
-        Expires date on every call (a third of the cost of a write's response in the
-        overhead benchmark). Max-Age alone sets the lifetime in every current browser;
-        the value is the signer's URL-safe alphabet and needs no quoting.
-        """
-        return self.header_value
-
-    def apply(self, response: _Response) -> None:
-        """Set or delete the cookie on a Werkzeug-style (Flask or Quart) response."""
-        response.headers.add("Set-Cookie", self.header())
 
 
 class Router:
@@ -181,7 +114,6 @@ class Router:
             probe_timeout=config.connect_timeout,
             secrets=[n.engine.url.password or "" for n in (primary, *self.replicas)],
         )
-        self._replica_by_engine = {id(n.engine): n for n in self.replicas}
         self.counters = Counters()
         self._prober: ThreadProber | TaskProber | None = None
         self._thread_prober: ThreadProber | None = None
@@ -297,7 +229,7 @@ class Router:
             fileno = getattr(dbapi, "fileno", None)
             if dbapi is None or fileno is None or entry.info.get(PROBE_MARK):
                 continue
-            entry.info[_CUT_MARK] = True
+            entry.info[CUT_MARK] = True
             with contextlib.suppress(Exception):  # closed meanwhile
                 sock = socket.socket(fileno=os.dup(fileno()))
                 try:
@@ -330,7 +262,7 @@ class Router:
         """Decide where the request reads and make that the current scope."""
         scope = RequestScope(self)
         self.settle(scope, facts, cookie)
-        enter_scope(scope)
+        scope.token = scope_var.set(scope)
         return scope
 
     def open(self, resolver: Callable[[RequestScope], None]) -> RequestScope:
@@ -431,11 +363,6 @@ class Router:
     def needs_positions(self, facts: RequestFacts) -> bool:
         """Whether a request with ``facts`` reads from replicas, so wants fresh health."""
         return facts.readonly and not facts.forced_primary and self.health.probing
-
-    def served_by(self) -> Node | None:
-        """The node that served the current request's default reads, if in one."""
-        scope = self.scope()
-        return scope.decision.node if scope is not None else None
 
     def scope(self) -> RequestScope | None:
         """The scope of the request this router is serving now, if any."""
@@ -564,10 +491,6 @@ class Router:
             override.node = self._replica_for_block(scope)
         return override.node
 
-    def engine(self) -> Engine:
-        """The sync Engine for the next statement."""
-        return self.node().engine
-
     # -- replicas ----------------------------------------------------------------
 
     def node_named(self, name: str) -> Node:
@@ -576,10 +499,6 @@ class Router:
             if node.name == name:
                 return node
         raise KeyError(name)
-
-    def replica_of(self, bind: object) -> Node | None:
-        """The replica node whose engine is ``bind``, or None (primary, other binds)."""
-        return self._replica_by_engine.get(id(bind))
 
     def reads_go_to(self, node: Node) -> bool:
         """Whether the current block's, or else request's, reads go to ``node``."""
@@ -628,7 +547,7 @@ class Router:
         primary = self.primary.engine
         pg = primary.dialect.name == "postgresql"
         note = self._note_write if pg else self._note_write_sqlite
-        for hook in _EXECUTE_HOOKS:
+        for hook in EXECUTE_HOOKS:
             event.listen(primary, hook, note)
         if pg:
             # What the primary did, not what the text says: a commit asks the
@@ -639,21 +558,8 @@ class Router:
                 # as it goes back to the pool: no second checkout.
                 event.listen(primary.pool, "reset", self._on_primary_reset)
         for node in self.replicas:
-            refuse = self._refuse_write(node)
-            for hook in _EXECUTE_HOOKS:
-                event.listen(node.engine, hook, refuse)
-            event.listen(node.engine, "handle_error", self._on_replica_error(node))
-            event.listen(node.engine, "do_connect", self._limit_connect_time)
+            guard_replica(node, self.config.connect_timeout)
             event.listen(node.engine, "connect", self._remember_entry(node))
-
-    def _limit_connect_time(self, dialect: Any, rec: Any, cargs: Any, cparams: Any) -> None:
-        # A replica that hangs must not hang the request: bound the connect, unless the
-        # app set its own timeout in the engine's connect_args.
-        timeout = self.config.connect_timeout
-        if dialect.driver in ("psycopg", "psycopg2"):
-            cparams.setdefault("connect_timeout", max(1, math.ceil(timeout)))
-        elif dialect.driver == "asyncpg":
-            cparams.setdefault("timeout", timeout)
 
     # Listeners of do_execute/do_executemany (cursor, statement, parameters, context)
     # and do_execute_no_params (cursor, statement, context): named parameters rather
@@ -725,16 +631,6 @@ class Router:
             view,
         )
 
-    def _refuse_write(self, node: Node) -> Any:
-        pg = node.engine.dialect.name == "postgresql"
-
-        def refuse(cursor: Any, statement: str, _a: Any = None, _b: Any = None) -> None:
-            kind = classify_sql(statement, postgresql=pg)
-            if kind is not _READ:
-                raise ReplicaWriteError(self.write_message(node, kind))
-
-        return refuse
-
     def _remember_entry(self, node: Node) -> Any:
         def remember(dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:
             with self._entries_lock:
@@ -742,85 +638,15 @@ class Router:
 
         return remember
 
-    def _on_replica_error(self, node: Node) -> Any:
-        def on_error(context: Any) -> None:
-            orig = context.original_exception
-            conn = context.connection
-            if conn is not None and not conn.closed and conn.info.get(_CUT_MARK):
-                # Cut off by cut_off(): not a failure of the replica.
-                setattr(context.sqlalchemy_exception, INTERRUPTED, True)
-                setattr(orig, INTERRUPTED, True)
-            code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-            if code == _READ_ONLY_SQLSTATE or (
-                # lo_create: XX000 "cannot assign OIDs during recovery"; SET
-                # TRANSACTION READ WRITE: 0A000 "cannot set transaction read-write
-                # mode during recovery". The codes alone are too broad.
-                code in _RECOVERY_SQLSTATES and "during recovery" in str(orig)
-            ):
-                raise ReplicaWriteError(self.write_message(node)) from context.sqlalchemy_exception
-            # Failover needs to know which replica failed; the error is what it gets.
-            note_replica_error(context, node)
-
-        return on_error
-
-    def write_message(self, node: Node, kind: StatementKind = StatementKind.WRITE) -> str:
-        """The sentence that tells the user why a statement was refused and what to do.
-
-        ``kind`` says what the statement did: a write, an advisory lock or a session
-        change (``SET``, ``RESET``, ``ATTACH``, ``DETACH``).
-        """
-        write = kind is StatementKind.WRITE
-        subject, did, why = _REFUSALS[kind]
-        override = current_override()
-        if override is not None and override.intent is Intent.REPLICA:
-            return (
-                f"{subject} was sent to the replica '{node.name}' inside 'use_replica()'"
-                f"{why}. Move {'the write' if write else 'it'} out of the 'use_replica()' "
-                "block or wrap it in 'use_primary()'."
-            )
-        scope = current_scope()
-        if scope is not None and scope.decision.node is node:
-            facts = scope.facts
-            request = "websocket" if facts.websocket else f"{facts.method} request"
-            return (
-                f"The view '{facts.view}' {did} during a {request}, which is routed to a "
-                f"replica{why}. Decorate it with '@changes_database' or wrap the "
-                f"{'write' if write else 'statement'} in 'use_primary()'."
-            )
-        return (
-            f"{subject} was sent to the replica '{node.name}'"
-            f"{', which only serves reads' if write else why}. Send it to the primary: "
-            "wrap it in 'use_primary()'."
-        )
-
 
 _READ = StatementKind.READ
 _WRITE = StatementKind.WRITE
-_RECOVERY_SQLSTATES = ("XX000", "0A000")
 # Whether the committing transaction was given a transaction id, i.e. wrote.
 _XID_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
 _TXID_SQL = "SELECT txid_current_if_assigned() IS NOT NULL"  # before PostgreSQL 13
 # Where the commit listener leaves the request's scope for the pool's reset event, in
 # the pooled connection's info.
 _COMMITTED = "replicated_committed_scope"
-
-# What a refused statement is, what a view that sent it did, and why a replica is
-# the wrong place for it.
-_REFUSALS: dict[StatementKind, tuple[str, str, str]] = {
-    StatementKind.WRITE: ("A write", "wrote to the database", ""),
-    StatementKind.LOCK: (
-        "An advisory lock",
-        "took an advisory lock",
-        ": a lock taken on a replica coordinates nothing with the primary",
-    ),
-    StatementKind.SESSION: (
-        "A session-level 'SET', 'RESET', 'ATTACH' or 'DETACH'",
-        "changed its database session ('SET', 'RESET', 'ATTACH' or 'DETACH')",
-        ": the change would outlive the request on a pooled replica connection "
-        "('SET LOCAL' would not)",
-    ),
-    StatementKind.READ: ("A read", "read", ""),
-}
 
 
 def _scalar_outside_transaction(dbapi_connection: Any, sql: str) -> str | None:

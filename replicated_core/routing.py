@@ -214,7 +214,3 @@ class RequestScope:
         if self._facts is None:
             raise RuntimeError("The request is not routed to a view yet: nothing is known.")
         return self._facts
-
-    @facts.setter
-    def facts(self, facts: RequestFacts) -> None:
-        self._facts = facts

@@ -1,4 +1,5 @@
-"""The signed sticky cookie: after a write, where the client's reads must go."""
+"""The sticky token: what it says (a WAL position or a time) and how it is signed,
+with the app's key and its fallbacks. How it travels is ``cookie``'s business."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ __all__ = [
     "MAX_COOKIE_LENGTH",
     "StickyCodec",
     "StickyToken",
-    "find_cookie",
 ]
 
 # A real token is about 40 characters; anything much longer is not ours.
@@ -190,23 +190,3 @@ def _encode(data: bytes) -> bytes:
 
 def _decode(data: bytes) -> bytes:
     return base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
-
-
-def find_cookie(header: str | None, name: str) -> str | None:
-    """The first value of the cookie ``name`` in a ``Cookie`` request header, or None.
-
-    A scan for one name instead of the framework's parse of every cookie, which the
-    overhead benchmark showed costing more than the rest of a sticky request's
-    routing. Sticky values never need quoting, so a quoted value is returned as is
-    and then fails its signature check, as any foreign value does.
-    """
-    if not header:
-        return None
-    key = name + "="
-    start = header.find(key)
-    while start >= 0:
-        if start == 0 or header[start - 1] in " \t;":
-            end = header.find(";", start)
-            return header[start + len(key) : end if end >= 0 else len(header)].strip()
-        start = header.find(key, start + 1)
-    return None

@@ -1,5 +1,5 @@
 """Shared fixtures. The PostgreSQL cluster fixtures (pg_cluster, pg_cluster_factory)
-come from the project's own pytest plugin, replicated_core.pytest_plugin."""
+come from the project's own pytest plugin, replicated_core.testing.pytest_plugin."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def fault_cluster(pg_cluster_factory: Callable[..., Any]) -> Any:
 
     Tests must leave every node running and replaying when they finish.
     """
-    from replicated_core.pgcluster import ReplicaSpec
+    from replicated_core.testing.pgcluster import ReplicaSpec
 
     cluster = pg_cluster_factory([ReplicaSpec("r1"), ReplicaSpec("r2")])
     create_pg_schema(cluster)

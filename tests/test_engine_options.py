@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from support import make_flask_app, text_of
 
-from replicated_core.pgcluster import StopMode
+from replicated_core.testing.pgcluster import StopMode
 
 APP_NAME = "engine-options-test"
 

@@ -35,3 +35,22 @@ def test_all_is_sorted_and_complete(module):
 )
 def test_adapters_reexport_the_core_objects(name):
     assert getattr(flask_replicated, name) is getattr(replicated_core, name)
+
+
+def test_runtime_code_never_imports_the_test_harness():
+    """Every module of the three packages but ``replicated_core.testing`` imported in a
+    fresh interpreter: none of them pulls in the harness (clusters, the pytest plugin)."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "def walk(name):\n"
+        "    package = importlib.import_module(name)\n"
+        "    for info in pkgutil.iter_modules(package.__path__, name + '.'):\n"
+        "        if info.name == 'replicated_core.testing':\n"
+        "            continue\n"
+        "        walk(info.name) if info.ispkg else importlib.import_module(info.name)\n"
+        "for name in ('replicated_core', 'flask_replicated', 'quart_replicated'):\n"
+        "    walk(name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('replicated_core.testing')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from replicated_core.pgcluster import PgClusterError, ReplicaSpec
+from replicated_core.testing.pgcluster import PgClusterError, ReplicaSpec
 
 
 def test_only_the_primary_is_out_of_recovery(pg_cluster):
@@ -177,7 +177,7 @@ def test_cluster_stop_is_idempotent_and_resumes_paused_nodes(pg_cluster_factory)
 
 
 def test_child_pids_lists_a_process_started_here():
-    from replicated_core.pgcluster import _child_pids
+    from replicated_core.testing.pgcluster import _child_pids
 
     child = subprocess.Popen(["sleep", "30"])
     try:

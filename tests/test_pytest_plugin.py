@@ -16,7 +16,7 @@ import pytest
 pytest_plugins = ["pytester"]
 
 NO_BINARIES = """
-import replicated_core.pgcluster as pgcluster
+import replicated_core.testing.pgcluster as pgcluster
 pgcluster.find_bindir = lambda: None
 """
 
@@ -26,7 +26,7 @@ sys.modules["psycopg"] = None  # as if psycopg were not installed
 """
 
 NOT_POSIX = """
-import replicated_core.pytest_plugin as plugin
+import replicated_core.testing.pytest_plugin as plugin
 plugin._POSIX = False  # what a Windows machine reports
 """
 
@@ -39,7 +39,7 @@ def test_needs_postgres(pg_cluster):
 # raises ImportError when sys.modules holds None for it.
 WITHOUT_PWD = "import sys; sys.modules['pwd'] = None\n"
 
-HEAVY = ["psycopg", "replicated_core.pgcluster", "asyncpg", "sqlalchemy.ext.asyncio"]
+HEAVY = ["psycopg", "replicated_core.testing.pgcluster", "asyncpg", "sqlalchemy.ext.asyncio"]
 
 
 def _run_python(code):
@@ -61,7 +61,7 @@ def test_importing_the_plugin_needs_no_posix_module_and_imports_nothing_heavy():
         import json, time
         import pytest  # loaded by any pytest run anyway: not the plugin's cost
         started = time.perf_counter()
-        import replicated_core.pytest_plugin
+        import replicated_core.testing.pytest_plugin
         took = time.perf_counter() - started
         loaded = [name for name in {HEAVY!r} if sys.modules.get(name) is not None]
         print(json.dumps({{"loaded": loaded, "ms": round(took * 1000, 1)}}))
@@ -76,7 +76,7 @@ def test_importing_the_plugin_needs_no_posix_module_and_imports_nothing_heavy():
 
 def test_the_cluster_harness_imports_without_pwd():
     """pwd is only needed to run the servers as 'postgres' when the tests run as root."""
-    result = _run_python("import replicated_core.pgcluster; print('imported')")
+    result = _run_python("import replicated_core.testing.pgcluster; print('imported')")
     assert (result.returncode, result.stdout, result.stderr) == (0, "imported\n", "")
 
 
@@ -86,7 +86,8 @@ def test_a_pytest_run_without_pwd_collects_with_the_plugin_loaded(tmp_path):
         f"""
         import pytest
         code = pytest.main(["--co", "-q", "-p", "no:cacheprovider", {str(tmp_path)!r}])
-        print("plugin loaded:", sys.modules.get("replicated_core.pytest_plugin") is not None)
+        plugin = "replicated_core.testing.pytest_plugin"
+        print("plugin loaded:", sys.modules.get(plugin) is not None)
         sys.exit(code)
         """
     )

@@ -89,7 +89,7 @@ class Cluster:
 def servers_cluster(pg_cluster_factory: Callable[..., Any]) -> Iterator[Cluster]:
     """A primary, two replicas and one that applies commits 500 ms late, with one row;
     stopped when the module is done rather than at the end of the session."""
-    from replicated_core.pgcluster import ReplicaSpec
+    from replicated_core.testing.pgcluster import ReplicaSpec
 
     cluster = pg_cluster_factory(
         [ReplicaSpec("r1"), ReplicaSpec("r2"), ReplicaSpec("lagging", apply_delay_ms=500)]

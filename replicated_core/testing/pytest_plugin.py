@@ -3,7 +3,7 @@
 Registered through the ``pytest11`` entry point, so installing the project is enough.
 That also means every pytest run of every project that installs it loads this module:
 it imports only the standard library and pytest, and the harness
-(``replicated_core.pgcluster``, which needs psycopg and a POSIX system) only when a
+(``replicated_core.testing.pgcluster``, which needs psycopg and a POSIX system) only when a
 fixture runs. Where the tools are missing (a POSIX system, psycopg, the PostgreSQL
 server binaries) the fixtures skip the test with the reason, or fail it when the
 environment variable ``REPLICATED_REQUIRE_POSTGRES=1`` is set (as CI does).
@@ -23,7 +23,7 @@ import pytest
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
-    from replicated_core.pgcluster import PgCluster, ReplicaSpec
+    from replicated_core.testing.pgcluster import PgCluster, ReplicaSpec
 
     ClusterFactory = Callable[[Sequence[ReplicaSpec]], PgCluster]
 
@@ -50,7 +50,7 @@ def _find_bindir() -> tuple[Path | None, str]:
             "The PostgreSQL cluster fixtures need psycopg, which is not installed. Install it"
             " ('pip install \"replicated-router[postgresql]\"') to run the tests that need it."
         )
-    from replicated_core import pgcluster
+    from replicated_core.testing import pgcluster
 
     bindir = pgcluster.find_bindir()
     if bindir is None:
@@ -83,7 +83,7 @@ def pg_cluster_factory() -> Iterator[ClusterFactory]:
     the end of the session. Use it for tests that stop, pause or break nodes.
     """
     bindir = _bindir_or_skip()
-    from replicated_core.pgcluster import PgCluster
+    from replicated_core.testing.pgcluster import PgCluster
 
     # Not tmp_path_factory: /tmp/pytest-of-root is private to root, and the servers run as
     # the OS user 'postgres' when the tests run as root.
@@ -111,6 +111,6 @@ def pg_cluster(pg_cluster_factory: ClusterFactory) -> PgCluster:
 
     Shared by the whole session: leave its nodes running and unpaused.
     """
-    from replicated_core.pgcluster import ReplicaSpec
+    from replicated_core.testing.pgcluster import ReplicaSpec
 
     return pg_cluster_factory([ReplicaSpec("replica"), ReplicaSpec("lagging", apply_delay_ms=500)])

@@ -60,7 +60,7 @@ _NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 # synchronous_commit stays on: with fsync off it costs nothing, and it makes
 # pg_current_wal_lsn() after a COMMIT cover that commit, which wait_for_replay relies on.
 _COMMON_SETTINGS = f"""
-# Added by replicated_core.pgcluster: a throwaway test cluster, not durable.
+# Added by replicated_core.testing.pgcluster: a throwaway test cluster, not durable.
 listen_addresses = '{HOST}'
 max_connections = 100
 shared_buffers = '32MB'
@@ -80,7 +80,7 @@ include_if_exists = 'node.conf'
 """
 
 _PG_HBA = f"""\
-# Written by replicated_core.pgcluster: a password is required everywhere.
+# Written by replicated_core.testing.pgcluster: a password is required everywhere.
 # TYPE  DATABASE     USER  ADDRESS          METHOD
 local   all          all                    scram-sha-256
 local   replication  all                    scram-sha-256
@@ -400,7 +400,7 @@ class PgNode:
 
     def _write_node_conf(self) -> None:
         lines = [
-            "# This node's own settings, written by replicated_core.pgcluster.",
+            "# This node's own settings, written by replicated_core.testing.pgcluster.",
             f"port = {self.port}",
             f"unix_socket_directories = {_conf_string(str(self.node_dir))}",
             f"cluster_name = {_conf_string(self.name)}",
