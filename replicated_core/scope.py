@@ -7,7 +7,7 @@ import logging
 import math
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from .config import StickyMode
 from .cookie import CookieUpdate
@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from .rules import ReplicaView
     from .sticky import StickyCodec
 
+    # What ``decide()`` answered from these views: the candidates, and the counter
+    # names of a request that takes one of them.
+    _Known: TypeAlias = tuple[Sequence[ReplicaView], tuple[Decision, ...], tuple[str, ...]]
+
 __all__ = ["RequestScope", "Requests"]
 
 logger = logging.getLogger("replicated")
@@ -37,10 +41,6 @@ _TIME_TOKEN = StickyToken()
 
 # Views times methods: far more than any app has.
 _MAX_FACTS = 4096
-
-# What settling a request needs from ``decide()``: the candidates, and the counter
-# names of a request that takes one of them.
-_Known = tuple[tuple[Decision, ...], tuple[str, ...]]
 
 # Added to ``RequestFacts.kind`` in the memo's index when a time-mode cookie came.
 _TIME_COOKIE = 8
@@ -169,12 +169,10 @@ class Requests:
         self._facts: dict[tuple[str, str | None, object, bool], RequestFacts] = {}
         self._names: dict[tuple[Reason, Role, bool], tuple[str, ...]] = {}
         self._with_writes: dict[tuple[str, ...], tuple[str, ...]] = {}
-        # What ``decide()`` answered, and the counter names, for a request without a
-        # cookie or with a time-mode one, by ``kind | _TIME_COOKIE``: as long as the
-        # health registry hands out the same views, nothing else changes the answer.
-        # The views and the answers go together in one tuple: a request that read the
-        # views before they changed must not file its answer under the new ones.
-        self._memo: tuple[Sequence[ReplicaView] | None, list[_Known | None]] = (None, [])
+        # What ``decide()`` answered for a request without a cookie or with a time-mode
+        # one, by ``kind | _TIME_COOKIE``: nothing else in such a request changes the
+        # answer, as long as the health registry hands out the same views.
+        self._memo: list[_Known | None] = [None] * 16
         self._not_routed = Decision(primary, Reason.NOT_ROUTED)
         self._settling = threading.Lock()
         # The last time-mode cookie: its second, path and Secure flag, and itself.
@@ -255,17 +253,13 @@ class Requests:
         health = self._health
         if sticky is None or sticky.lsn is None:
             views = health.stable_views or health.views()
-            memo = self._memo
-            if memo[0] is not views:
-                memo = self._memo = (views, [None] * 16)
-            table = memo[1]
             index = facts.kind if sticky is None else facts.kind | _TIME_COOKIE
-            known = table[index]
-            if known is None:
-                known = table[index] = self._candidates(facts, sticky, views)
+            known = self._memo[index]
+            if known is None or known[0] is not views:
+                known = self._memo[index] = self._candidates(facts, sticky, views)
         else:
             known = self._candidates(facts, sticky, health.views())
-        choices, counted = known
+        _, choices, counted = known
         decision = choices[0] if len(choices) == 1 else self._choose(choices)
         # Threads or tasks sharing the request's context may ask at once: the first
         # to get here decides for all (one replica per request).
@@ -293,7 +287,7 @@ class Requests:
         """What ``decide()`` answers, and the counters a request so decided adds to."""
         choices = decide(facts, sticky, self._primary, views)
         # The candidates differ only in their replica: they count alike.
-        return choices, self._counter_names(choices[0], sticky is not None)
+        return views, choices, self._counter_names(choices[0], sticky is not None)
 
     def _counter_names(self, decision: Decision, sticky: bool) -> tuple[str, ...]:
         key = (decision.reason, decision.node.role, sticky)
