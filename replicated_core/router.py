@@ -1,7 +1,8 @@
 """The router: turns the routing intent into a node for every statement.
 
-Adapters build one Router per app from its engines, open a request scope at the
-start of each request, and ask ``node()`` whenever SQLAlchemy needs a bind.
+Adapters build one Router per app from its engines, open a request scope through
+``router.requests`` (scope.py) at the start of each request, and ask ``node()``
+whenever SQLAlchemy needs a bind.
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ class Router:
                 finally:
                     sock.close()
 
-    # -- per request -------------------------------------------------------------
+    # -- metrics -----------------------------------------------------------------
 
     def metrics(self) -> dict[str, int]:
         """Every counter of this router: decisions by reason, writes, sticky hits,

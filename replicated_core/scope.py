@@ -29,9 +29,11 @@ if TYPE_CHECKING:
     from .rules import ReplicaView
     from .sticky import StickyCodec
 
-    # What ``decide()`` answered from these views: the candidates, and the counter
-    # names of a request that takes one of them.
-    _Known: TypeAlias = tuple[Sequence[ReplicaView], tuple[Decision, ...], tuple[str, ...]]
+    # What ``decide()`` answered from these views: the candidates (and the only one,
+    # if so), and the counter names of a request that takes one of them.
+    _Known: TypeAlias = tuple[
+        Sequence[ReplicaView], Decision | None, tuple[Decision, ...], tuple[str, ...]
+    ]
 
 __all__ = ["RequestScope", "Requests"]
 
@@ -172,7 +174,7 @@ class Requests:
         # What ``decide()`` answered for a request without a cookie or with a time-mode
         # one, by ``kind | _TIME_COOKIE``: nothing else in such a request changes the
         # answer, as long as the health registry hands out the same views.
-        self._memo: list[_Known | None] = [None] * 16
+        self._memo: list[_Known] = [((), None, (), ())] * 16
         self._not_routed = Decision(primary, Reason.NOT_ROUTED)
         self._settling = threading.Lock()
         # The last time-mode cookie: its second, path and Secure flag, and itself.
@@ -251,25 +253,32 @@ class Requests:
             if cookie is not None and codec is not None:
                 sticky = codec.loads(cookie, self._sticky_ttl)
         health = self._health
-        if sticky is None or sticky.lsn is None:
-            views = health.stable_views or health.views()
+        views = health.stable_views or health.views()
+        if sticky is not None and sticky.lsn is not None:
+            # The answer depends on the cookie's position: not worth remembering.
+            known = self._candidates(facts, sticky, views)
+        else:
             index = facts.kind if sticky is None else facts.kind | _TIME_COOKIE
             known = self._memo[index]
-            if known is None or known[0] is not views:
+            if known[0] is not views:
                 known = self._memo[index] = self._candidates(facts, sticky, views)
-        else:
-            known = self._candidates(facts, sticky, health.views())
-        _, choices, counted = known
-        decision = choices[0] if len(choices) == 1 else self._choose(choices)
+        _, only, choices, counted = known
+        decision = only or self._choose(choices)
         # Threads or tasks sharing the request's context may ask at once: the first
-        # to get here decides for all (one replica per request).
-        with self._settling:
+        # to get here decides for all (one replica per request). acquire() and release()
+        # rather than ``with``: measured by ./dev bench instructions, about 1,000 fewer
+        # per request.
+        lock = self._settling
+        lock.acquire()
+        try:
             if scope.settled_decision is not None:
                 return
             scope._facts = facts  # the slot behind the read-only ``facts`` property
             scope.sticky = sticky
             scope.settled_decision = decision
             scope.counted = counted
+        finally:
+            lock.release()
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "%s %s: %s '%s' because %s%s",
@@ -287,7 +296,8 @@ class Requests:
         """What ``decide()`` answers, and the counters a request so decided adds to."""
         choices = decide(facts, sticky, self._primary, views)
         # The candidates differ only in their replica: they count alike.
-        return views, choices, self._counter_names(choices[0], sticky is not None)
+        only = choices[0] if len(choices) == 1 else None
+        return views, only, choices, self._counter_names(choices[0], sticky is not None)
 
     def _counter_names(self, decision: Decision, sticky: bool) -> tuple[str, ...]:
         key = (decision.reason, decision.node.role, sticky)
