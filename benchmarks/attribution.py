@@ -59,7 +59,7 @@ def without(parts: tuple[str, ...]) -> Iterator[None]:
 def switch_off(router: Router, parts: tuple[str, ...]) -> None:
     """Switch off the per-request ``parts`` of an app's router."""
     if "cookie" in parts:
-        router.cookie_update = lambda *args, **kwargs: None  # type: ignore[method-assign]
+        router.requests.cookie_update = lambda *args, **kwargs: None  # type: ignore[method-assign]
     if "counters" in parts:
         router.counters.add_event = lambda names: None  # type: ignore[method-assign]
 

@@ -1,4 +1,5 @@
-"""The routing decision: per statement (get_bind to engine) and per request (begin/end).
+"""The routing decision: per statement (get_bind to engine) and per request
+(``router.requests.begin``/``end``).
 
 No server is needed: the engines have PostgreSQL URLs but never connect, and the
 replicas' positions are recorded by hand, as a probe would. Sticky mode "wal".
@@ -15,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from replicated_core.config import load_config
+from replicated_core.nodes import Node, Role
 from replicated_core.router import Router
-from replicated_core.routing import Node, RequestFacts, Role, decide
+from replicated_core.rules import RequestFacts, decide
 from replicated_core.session import RoutingSession
 from replicated_core.sticky import StickyCodec, StickyToken
 from replicated_core.wal import ReplicaProbe
@@ -76,11 +78,11 @@ def in_scope(
     batch = per_call(fn, n)
 
     def run() -> float:
-        router.begin(READ, cookie)
+        router.requests.begin(READ, cookie)
         try:
             return batch()
         finally:
-            router.end()
+            router.requests.end()
 
     return run
 
@@ -89,13 +91,13 @@ def begins(router: Router, cookie: str | None, n: int) -> Callable[[], float]:
     """``n`` request scopes opened (timed), then closed (not timed)."""
 
     def run() -> float:
-        begin = router.begin
+        begin = router.requests.begin
         start = time.perf_counter()
         for _ in range(n):
             begin(READ, cookie)
         elapsed = time.perf_counter() - start
         for _ in range(n):
-            router.end()
+            router.requests.end()
         return elapsed / n
 
     return run
@@ -106,8 +108,8 @@ def ends(router: Router, n: int) -> Callable[[], float]:
 
     def run() -> float:
         for _ in range(n):
-            router.begin(READ, None)
-        end = router.end
+            router.requests.begin(READ, None)
+        end = router.requests.end
         start = time.perf_counter()
         for _ in range(n):
             end()
@@ -133,12 +135,12 @@ def flask_get_bind(routed: bool, cookie: str | None, n: int) -> Callable[[], flo
             session = db.session()
             get_bind = session.get_bind
             if router is not None:
-                router.begin(READ, cookie)
+                router.requests.begin(READ, cookie)
             try:
                 return per_call(lambda: get_bind(mapper=mapper, clause=statement), n)()
             finally:
                 if router is not None:
-                    router.end()
+                    router.requests.end()
 
     return run
 
@@ -196,28 +198,26 @@ def main() -> None:
         ),
     ]
     per_request: list[tuple[str, str, Callable[[], float]]] = [
-        ("request", "router.begin, no cookie", begins(router, None, n)),
-        ("request", "router.begin, valid wal cookie", begins(router, wal_cookie, n)),
-        ("request", "router.begin, valid time cookie", begins(router, time_cookie, n)),
-        ("request", "router.begin, garbled cookie", begins(router, wal_cookie[:-3] + "xyz", n)),
-        ("request", "router.end", ends(router, n)),
+        ("request", "requests.begin, no cookie", begins(router, None, n)),
+        ("request", "requests.begin, valid wal cookie", begins(router, wal_cookie, n)),
+        ("request", "requests.begin, valid time cookie", begins(router, time_cookie, n)),
+        ("request", "requests.begin, garbled cookie", begins(router, wal_cookie[:-3] + "xyz", n)),
+        ("request", "requests.end", ends(router, n)),
         (
             "part of begin",
             "codec.loads (valid wal cookie)",
-            per_call(lambda: router.read_cookie(wal_cookie), n),
+            per_call(lambda: router.requests.read_cookie(wal_cookie), n),
         ),
         ("part of begin", "health.views() (2 replicas)", per_call(router.health.views, n)),
         (
             "part of begin",
             "decide(), wal cookie",
-            per_call(
-                lambda: decide(READ, StickyToken(WRITTEN), router.primary, views, router._choose), n
-            ),
+            per_call(lambda: decide(READ, StickyToken(WRITTEN), router.primary, views), n),
         ),
         (
             "part of begin",
             "decide(), no cookie",
-            per_call(lambda: decide(READ, None, router.primary, views, router._choose), n),
+            per_call(lambda: decide(READ, None, router.primary, views), n),
         ),
         (
             "part of request",

@@ -44,7 +44,7 @@ def render(
 def render_page(router: Router, names: list[str], note: str) -> str:
     """The list page for the current request, saying which node served it and why."""
     node = router.node()
-    decision = router.current_decision()
+    decision = router.requests.current_decision()
     reason = decision.reason.value if decision is not None else "outside a request"
     # As the status command shows it: no user name, no password, no driver.
     server = address_of(node)

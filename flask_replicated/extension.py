@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-    from replicated_core.routing import Node, RequestScope
+    from replicated_core.nodes import Node
+    from replicated_core.scope import RequestScope
 
 __all__ = ["FlaskReplicated"]
 
@@ -156,6 +157,7 @@ class _Hooks:
     def __init__(self, app: Flask, router: Router, db: SQLAlchemy) -> None:
         self.app = app
         self.router = router
+        self.requests = router.requests
         self.db = db
         self.views = app.view_functions
         self.cookie = router.config.cookie_name
@@ -164,13 +166,13 @@ class _Hooks:
         self.wal = router.sticky_mode is StickyMode.WAL and router.codec is not None
 
     def middleware(self, wsgi_app: WSGIApplication) -> WSGIApplication:
-        router = self.router
+        requests = self.requests
         settle = self.settle
         respond = self.respond
         header = self.header
 
         def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-            scope = router.open(settle)
+            scope = requests.open(settle)
 
             def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
                 # Flask calls this inside its request context, after its after_request
@@ -184,7 +186,7 @@ class _Hooks:
             try:
                 return wsgi_app(environ, start)
             finally:
-                router.end_scope(scope)
+                requests.end_scope(scope)
 
         return serve
 
@@ -206,13 +208,13 @@ class _Hooks:
         rule = req.url_rule
         if rule is not None:
             endpoint = rule.endpoint
-            facts = self.router.facts(req.method, endpoint, self.views.get(endpoint))
+            facts = self.requests.facts(req.method, endpoint, self.views.get(endpoint))
         elif req.routing_exception is not None:
-            facts = self.router.facts(req.method, None, None)  # a 404 or 405
+            facts = self.requests.facts(req.method, None, None)  # a 404 or 405
         else:
             return  # a session interface or URL converter, before the match: not yet
         raw = req.environ.get("HTTP_COOKIE")
-        self.router.settle(scope, facts, find_cookie(raw, self.cookie) if raw else None)
+        self.requests.settle(scope, facts, find_cookie(raw, self.cookie) if raw else None)
 
     def respond(
         self, scope: RequestScope, environ: WSGIEnvironment, headers: list[tuple[str, str]]
@@ -227,13 +229,12 @@ class _Hooks:
             headers.append((header, scope.decision.node.name))
         decision = scope.settled_decision
         if scope.wrote or (decision is not None and decision.drop_cookie):
-            router = self.router
             # Read on the connection that committed, as it went back to the pool.
             lsn = scope.position if self.wal else None
             path = self.app.config["APPLICATION_ROOT"] or "/"
             # What request.is_secure reads, after any proxy fix-up of the environ.
             secure = environ.get("wsgi.url_scheme") in ("https", "wss")
-            update = router.cookie_update(lsn, secure=secure, path=path, scope=scope)
+            update = self.requests.cookie_update(lsn, secure=secure, path=path, scope=scope)
             if update is not None:
                 headers.append(("Set-Cookie", update.header_value))
 

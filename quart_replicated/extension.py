@@ -41,7 +41,7 @@ from .engines import create_engines
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from replicated_core.routing import Node
+    from replicated_core.nodes import Node
 
 __all__ = ["QuartReplicated"]
 
@@ -262,6 +262,7 @@ class QuartReplicated:
 def _hook(app: Quart, state: _AppState) -> None:
     """Connect the per-request hooks of ``app``."""
     router = state.router
+    requests = router.requests
     cookie_name = router.config.cookie_name
     debug_header = router.config.debug_header
     prober = state.prober
@@ -270,21 +271,21 @@ def _hook(app: Quart, state: _AppState) -> None:
         req = request._get_current_object()  # type: ignore[attr-defined]
         endpoint = req.endpoint
         view = sender.view_functions.get(endpoint) if endpoint is not None else None
-        facts = router.facts(req.method, endpoint, view)
-        if prober is not None and router.needs_positions(facts):
+        facts = requests.facts(req.method, endpoint, view)
+        if prober is not None and requests.needs_positions(facts):
             await prober.ensure()
-        router.begin(facts, _sticky_cookie(req.headers.getlist("Cookie"), cookie_name))
+        requests.begin(facts, _sticky_cookie(req.headers.getlist("Cookie"), cookie_name))
 
     async def websocket_started_(sender: Quart, **extra: Any) -> None:
         endpoint = websocket.endpoint
         view = sender.view_functions.get(endpoint) if endpoint is not None else None
-        facts = router.facts("WEBSOCKET", endpoint, view, websocket=True)
-        if prober is not None and router.needs_positions(facts):
+        facts = requests.facts("WEBSOCKET", endpoint, view, websocket=True)
+        if prober is not None and requests.needs_positions(facts):
             await prober.ensure()
-        router.begin(facts, _sticky_cookie(websocket.headers.getlist("Cookie"), cookie_name))
+        requests.begin(facts, _sticky_cookie(websocket.headers.getlist("Cookie"), cookie_name))
 
     async def after_request(response: Response) -> Response:
-        scope = router.scope()
+        scope = requests.scope()
         if scope is None:
             return response
         # The last moment a write can still set the cookie.
@@ -293,15 +294,15 @@ def _hook(app: Quart, state: _AppState) -> None:
             response.headers[debug_header] = scope.decision.node.name
         if scope.wrote or scope.decision.drop_cookie:
             # Read on the connection that committed, as it went back to the pool.
-            lsn = scope.position if router.needs_write_position(scope) else None
+            lsn = scope.position if requests.needs_write_position(scope) else None
             path = current_app.config["APPLICATION_ROOT"] or "/"
-            update = router.cookie_update(lsn, secure=request.is_secure, path=path, scope=scope)
+            update = requests.cookie_update(lsn, secure=request.is_secure, path=path, scope=scope)
             if update is not None:
                 update.apply(response)
         return response
 
     async def tearing_down(sender: Quart, **extra: Any) -> None:
-        router.end()
+        requests.end()
 
     request_started.connect(request_started_, app, weak=False)
     websocket_started.connect(websocket_started_, app, weak=False)

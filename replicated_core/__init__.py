@@ -5,7 +5,7 @@ from __future__ import annotations
 from .config import ReplicatedConfig, StickyMode
 from .errors import ConfigError, ReplicaWriteError
 from .intent import Intent, changes_database, use_primary, use_replica
-from .routing import Reason
+from .rules import Reason
 
 __all__ = [
     "ConfigError",

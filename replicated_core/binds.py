@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlsplit
 
 from .config import DEFAULT_PRIMARY_BIND, DEFAULT_PRIMARY_NAME, ReplicatedConfig
 from .errors import ConfigError
-from .routing import Node, Role
+from .nodes import Node, Role
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

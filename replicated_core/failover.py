@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy.exc import DBAPIError
 
 from .intent import current_override, current_scope
-from .routing import Node, Role
+from .nodes import Node, Role
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping

@@ -23,7 +23,7 @@ from .intent import Intent, current_override, current_scope
 from .statements import StatementKind, classify_sql
 
 if TYPE_CHECKING:
-    from .routing import Node
+    from .nodes import Node
 
 __all__ = ["CUT_MARK", "EXECUTE_HOOKS", "guard_replica", "refusal_message"]
 

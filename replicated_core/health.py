@@ -16,11 +16,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .routing import Node, ReplicaView
+from .rules import ReplicaView
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from .nodes import Node
     from .wal import ReplicaProbe
 
 __all__ = ["INTERRUPTED", "Check", "Health", "Plan", "ReplicaState", "describe_error"]

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
     from types import TracebackType
 
-    from .routing import Node, RequestScope
+    from .nodes import Node
+    from .scope import RequestScope
 
 __all__ = [
     "Intent",

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import Pool
 
     from .health import Check, Health
-    from .routing import Node
+    from .nodes import Node
     from .wal import ReplicaProbe
 
 __all__ = ["TaskProber", "ThreadProber"]

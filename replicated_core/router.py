@@ -1,56 +1,43 @@
 """The router: turns the routing intent into a node for every statement.
 
-Adapters build one Router per app from its engines, open a request scope at the
-start of each request, and ask ``node()`` whenever SQLAlchemy needs a bind.
+Adapters build one Router per app from its engines, open a request scope through
+``router.requests`` (scope.py) at the start of each request, and ask ``node()``
+whenever SQLAlchemy needs a bind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import random
 import socket
 import threading
-import time
 import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event
 
 from .config import ReplicatedConfig, StickyMode
-from .cookie import CookieUpdate
 from .counters import Counters
 from .guards import CUT_MARK, EXECUTE_HOOKS, guard_replica
 from .health import Health, describe_error
-from .intent import (
-    Intent,
-    current_override,
-    forces_primary,
-    override_var,
-    scope_var,
-)
+from .intent import Intent, current_override, override_var, scope_var
+from .nodes import Node, Role
 from .prober import TaskProber, ThreadProber
-from .routing import (
-    Decision,
-    Node,
-    Reason,
-    ReplicaView,
-    RequestFacts,
-    RequestScope,
-    Role,
-    decide,
-)
+from .rules import Decision, Reason, decide
+from .scope import Requests
 from .statements import StatementKind, classify_sql
-from .sticky import StickyCodec, StickyToken
-from .wal import PRIMARY_POSITION_SQL, format_lsn, parse_lsn
+from .wal import PRIMARY_POSITION_SQL, parse_lsn
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     from sqlalchemy.engine import Connection
     from sqlalchemy.pool import ConnectionPoolEntry
+
+    from .scope import RequestScope
+    from .sticky import StickyCodec
 
 __all__ = ["Router"]
 
@@ -58,14 +45,6 @@ __all__ = ["Router"]
 T = TypeVar("T")
 
 logger = logging.getLogger("replicated")
-
-_DEBUG = logging.DEBUG
-_TOTAL = ("requests_total",)
-_READ_NAMES = ("requests_total", "requests_to_replica")
-_TIME_TOKEN = StickyToken()
-
-# Views times methods: far more than any app has.
-_MAX_FACTS = 4096
 
 # The three ways a dialect hands a statement to the driver.
 
@@ -130,21 +109,19 @@ class Router:
                 "keep clients on the primary after their writes."
             )
         self._random = random.Random()
-        self._facts: dict[tuple[str, str | None, object, bool], RequestFacts] = {}
-        self._names: dict[tuple[Reason, Role, bool], tuple[str, ...]] = {}
-        self._with_writes: dict[tuple[str, ...], tuple[str, ...]] = {}
-        self._reads: tuple[Sequence[ReplicaView] | None, tuple[Decision, ...]] = (None, ())
-        self._not_routed = Decision(primary, Reason.NOT_ROUTED)
-        write = Decision(primary, Reason.WRITE_METHOD)
-        self._write_decision = (write, self._counter_names(write, sticky=False))
-        sticky = Decision(primary, Reason.STICKY)
-        self._sticky_decision = (sticky, self._counter_names(sticky, sticky=True))
         # The codec that reads cookies: None when there is none or sticky mode is off.
         self._codec_in_use = codec if self._sticky_mode is not StickyMode.OFF else None
-        self._settling = threading.Lock()
-        self._max_age = math.ceil(self._sticky_ttl)
-        # The last time-mode cookie: its second, path and Secure flag, and itself.
-        self._time_update: tuple[int, str, bool, CookieUpdate] | None = None
+        self.requests = Requests(
+            self,
+            config,
+            primary,
+            self.health,
+            self.counters,
+            codec,
+            self._sticky_mode,
+            self._sticky_ttl,
+            self._choose,
+        )
         self._warned_late_commit = False
         self._install_guards()
         _ROUTERS.add(self)
@@ -171,7 +148,7 @@ class Router:
     def prober(self) -> ThreadProber | TaskProber | None:
         """What checks replica positions in the background, set by the adapter.
 
-        A ``ThreadProber`` (sync adapters) is started by ``settle()`` for the first
+        A ``ThreadProber`` (sync adapters) is started by ``requests.settle()`` for the first
         request that reads, or by ``use_replica()`` outside a request; an async
         adapter starts its ``TaskProber`` in its request hook. None where positions
         cannot be read (SQLite).
@@ -184,6 +161,7 @@ class Router:
             prober = None
         self._prober = prober
         self._thread_prober = prober if isinstance(prober, ThreadProber) else None
+        self.requests.thread_prober = self._thread_prober
 
     def after_fork(self) -> None:
         """Make this router safe to use in a child process right after a fork.
@@ -196,8 +174,8 @@ class Router:
         forks (``dispose(close=False)``: the parent's connections are left to it).
         """
         self._random = random.Random()
-        self._settling = threading.Lock()
         self.counters = Counters()
+        self.requests.after_fork(self.counters)
         self.health.reset()
         if self._prober is not None:
             self._prober.reset()
@@ -237,216 +215,7 @@ class Router:
                 finally:
                     sock.close()
 
-    # -- per request -------------------------------------------------------------
-
-    def facts(
-        self, method: str, view_name: str | None, view: object, *, websocket: bool = False
-    ) -> RequestFacts:
-        """What the router needs to know of a request: its method and view function."""
-        key = (method, view_name, view, websocket)
-        facts = self._facts.get(key)
-        if facts is None:
-            readonly = (
-                self.config.websocket_readonly
-                if websocket
-                else method in self.config.readonly_methods
-            )
-            facts = RequestFacts(method, view_name, readonly, forces_primary(view), websocket)
-            # Only matched views are kept, so a client inventing methods or paths
-            # cannot grow the table.
-            if view is not None and len(self._facts) < _MAX_FACTS:
-                self._facts[key] = facts
-        return facts
-
-    def begin(self, facts: RequestFacts, cookie: str | None) -> RequestScope:
-        """Decide where the request reads and make that the current scope."""
-        scope = RequestScope(self)
-        self.settle(scope, facts, cookie)
-        scope.token = scope_var.set(scope)
-        return scope
-
-    def open(self, resolver: Callable[[RequestScope], None]) -> RequestScope:
-        """Open the current request's scope, to be decided on first use.
-
-        ``resolver`` runs when a statement (or anything else) needs the decision; it
-        calls ``settle`` with the request's facts, or returns without settling while
-        the request cannot be decided yet: meanwhile statements go to the primary.
-        """
-        scope = RequestScope(self, resolver=resolver, pending=self._not_routed, counted=_TOTAL)
-        scope.token = scope_var.set(scope)
-        return scope
-
-    def settle(self, scope: RequestScope, facts: RequestFacts, cookie: str | None) -> None:
-        """Make the decision of ``scope`` (opened by ``open``) from the request's facts
-        and its sticky cookie. The request is counted when it ends.
-
-        With a ``ThreadProber`` (Flask), the first request that reads starts it;
-        async adapters start theirs before calling ``begin``.
-        """
-        # Ready-made answers for most requests; ``decide`` for the rest. A property
-        # test checks they agree with it.
-        decision: Decision | None = None
-        counted: tuple[str, ...] | None = None
-        sticky = None
-        if facts.reads:
-            prober = self._thread_prober
-            if prober is not None:
-                prober.used = True  # keeps it from stopping for want of use
-                if not prober.running:
-                    prober.ensure_started()
-            codec = self._codec_in_use
-            if cookie is not None and codec is not None:
-                sticky = codec.loads(cookie, self._sticky_ttl)
-            if sticky is None:
-                # A plain read: one of the usable replicas. The choices are kept for
-                # as long as the health registry hands out the same views.
-                views = self.health.stable_views or self.health.views()
-                known = self._reads
-                if known[0] is not views:
-                    choices = tuple(Decision(v.node, Reason.READ) for v in views if v.usable)
-                    known = self._reads = (views, choices)
-                choices = known[1]
-                if choices:
-                    decision = choices[0] if len(choices) == 1 else self._choose(choices)
-                    counted = _READ_NAMES
-            elif sticky.lsn is None:
-                decision, counted = self._sticky_decision  # a time-mode cookie
-        elif not (facts.readonly or facts.forced_primary or facts.websocket):
-            decision, counted = self._write_decision  # a POST
-        if decision is None or counted is None:
-            decision = decide(facts, sticky, self.primary, self.health.views(), self._choose)
-            hit = sticky is not None
-            counted = self._names.get((decision.reason, decision.node.role, hit)) or (
-                self._counter_names(decision, hit)
-            )
-        # Threads or tasks sharing the request's context may ask at once: the first
-        # to get here decides for all (one replica per request). acquire() and
-        # release() rather than ``with``, which binds two methods on every request.
-        lock = self._settling
-        lock.acquire()
-        try:
-            if scope.settled_decision is not None:
-                return
-            scope._facts = facts  # the slot behind the read-only ``facts`` property
-            scope.sticky = sticky
-            scope.settled_decision = decision
-            scope.counted = counted
-        finally:
-            lock.release()
-        if logger.isEnabledFor(_DEBUG):
-            logger.debug(
-                "%s %s: %s '%s' because %s%s",
-                facts.method,
-                facts.view,
-                decision.node.role.value,
-                decision.node.name,
-                decision.reason.value,
-                f" (sticky at {format_lsn(sticky.lsn)})" if sticky and sticky.lsn else "",
-            )
-
-    def _counter_names(self, decision: Decision, sticky: bool) -> tuple[str, ...]:
-        key = (decision.reason, decision.node.role, sticky)
-        names = self._names.get(key)
-        if names is None:
-            found = ["requests_total"]
-            if decision.node.role is Role.REPLICA:
-                found.append("requests_to_replica")
-            else:
-                found.append(f"requests_to_primary.{decision.reason.name.lower()}")
-            if decision.reason is Reason.NO_REPLICA:
-                found.append("fallbacks")
-            if sticky:
-                found.append("sticky_hits")
-            names = self._names[key] = tuple(found)
-        return names
-
-    def needs_positions(self, facts: RequestFacts) -> bool:
-        """Whether a request with ``facts`` reads from replicas, so wants fresh health."""
-        return facts.readonly and not facts.forced_primary and self.health.probing
-
-    def scope(self) -> RequestScope | None:
-        """The scope of the request this router is serving now, if any."""
-        scope = scope_var.get()
-        if scope is None or scope.owner is not self or scope.closed:
-            return None
-        return scope
-
-    def end(self) -> None:
-        """Close the request scope opened by ``begin``; a no-op when there is none."""
-        scope = self.scope()
-        if scope is not None:
-            self.end_scope(scope)
-
-    def end_scope(self, scope: RequestScope) -> None:
-        """Close ``scope``, opened by ``begin`` or ``open`` in this context, and count
-        the request (one increment for all its counters)."""
-        if scope.token is not None:
-            names = scope.counted
-            if scope.wrote:
-                names = self._with_writes.get(names) or self._with_writes.setdefault(
-                    names, (*names, "writes")
-                )
-            self.counters.add_event(names)
-            scope_var.reset(scope.token)
-            scope.token = None
-        scope.closed = True
-        scope.resolver = None  # it holds the request; copies of the context live on
-
-    def read_cookie(self, cookie: str | None) -> StickyToken | None:
-        """The valid sticky token in ``cookie``, or None; never raises."""
-        codec = self._codec_in_use
-        if cookie is None or codec is None:
-            return None
-        return codec.loads(cookie, max_age=self._sticky_ttl)
-
-    def needs_write_position(self, scope: RequestScope | None = None) -> bool:
-        """Whether the response must carry the primary's WAL position (ask it first).
-
-        ``scope`` is the current request's, when the caller has it at hand.
-        """
-        scope = scope or self.scope()
-        return (
-            scope is not None
-            and scope.wrote
-            and self._codec is not None
-            and self._sticky_mode is StickyMode.WAL
-        )
-
-    def cookie_update(
-        self,
-        lsn: int | None = None,
-        *,
-        secure: bool = False,
-        path: str = "/",
-        scope: RequestScope | None = None,
-    ) -> CookieUpdate | None:
-        """How the current response must change the sticky cookie, if at all.
-
-        After a write: set it (with ``lsn``, the primary's position after the write,
-        in WAL mode). After a read that found every replica caught up: delete it.
-        ``secure`` tells whether the request came over HTTPS; ``path`` is the app's root;
-        ``scope`` is the current request's, when the caller has it at hand.
-        """
-        scope = scope or self.scope()
-        codec = self._codec_in_use
-        if scope is None or codec is None:
-            return None
-        if scope.wrote:
-            if lsn is not None:
-                value = codec.dumps(StickyToken(lsn))
-                return CookieUpdate(self.config.cookie_name, value, self._max_age, path, secure)
-            # A time-mode cookie is the same for every write of the same second.
-            now = int(time.time())
-            last = self._time_update
-            if last is not None and last[0] == now and last[1] == path and last[2] is secure:
-                return last[3]
-            value = codec.dumps(_TIME_TOKEN, now)
-            update = CookieUpdate(self.config.cookie_name, value, self._max_age, path, secure)
-            self._time_update = (now, path, secure, update)
-            return update
-        if scope.settled_decision is not None and scope.settled_decision.drop_cookie:
-            return CookieUpdate(self.config.cookie_name, None, 0, path, secure)
-        return None
+    # -- metrics -----------------------------------------------------------------
 
     def metrics(self) -> dict[str, int]:
         """Every counter of this router: decisions by reason, writes, sticky hits,
@@ -456,11 +225,6 @@ class Router:
             "replicas_marked_down": self.health.marked_down,
             "position_checks": self.health.refreshes,
         }
-
-    def current_decision(self) -> Decision | None:
-        """The decision of the request being served by this router, if any."""
-        scope = self.scope()
-        return scope.decision if scope is not None else None
 
     # -- per statement -----------------------------------------------------------
 
@@ -505,7 +269,7 @@ class Router:
         override = current_override()
         if override is not None:
             return override.node is node
-        scope = self.scope()
+        scope = self.requests.scope()
         return scope is not None and scope.decision.node is node
 
     def reroute(self, failed: Sequence[Node]) -> None:
@@ -518,9 +282,9 @@ class Router:
         override = current_override()
         if override is not None and override.node is last:
             override.node = self._choose(usable) if usable else self.primary
-        scope = self.scope()
+        scope = self.requests.scope()
         if scope is not None and scope.decision.node is last:
-            again = decide(scope.facts, scope.sticky, self.primary, views, self._choose)
+            again = self._choose(decide(scope.facts, scope.sticky, self.primary, views))
             scope.decision = Decision(again.node, Reason.FAILOVER, again.drop_cookie)
 
     def _choose(self, choices: Sequence[T]) -> T:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from .health import describe_error
-from .routing import Node, Role
+from .nodes import Node, Role
 from .wal import REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from support import make_flask_app, make_quart_app, sqlite_backend
 
 from replicated_core import use_primary, use_replica
-from replicated_core.routing import Reason
+from replicated_core.rules import Reason
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_flask_reads_fail_over_through_every_door(broken, door):
     @app.get("/door")
     def read():
         FLASK_DOORS[door](app.db, app.Item)
-        seen.append(router.current_decision().reason)
+        seen.append(router.requests.current_decision().reason)
         return broken.who(app.db.session)
 
     response = app.test_client().get("/door")
@@ -100,7 +100,7 @@ async def test_quart_reads_fail_over_through_every_door(broken, door):
         result = await QUART_DOORS[door](app.rep.session, app.Item)
         if door == "stream":
             await result.all()
-        seen.append(router.current_decision().reason)
+        seen.append(router.requests.current_decision().reason)
         return broken.label((await app.rep.session.execute(sa.text(broken.who_sql))).scalar())
 
     async with app.test_app():

@@ -95,7 +95,7 @@ def test_an_exception_in_the_view_closes_the_scope(flask_app_factory):
 
     with pytest.raises(RuntimeError, match="boom"):
         app.test_client().get("/boom")
-    assert router.scope() is None
+    assert router.requests.scope() is None
     with app.app_context():
         assert app.backend.who(app.db.session) == "primary"
 
@@ -187,7 +187,7 @@ def test_threads_sharing_a_request_agree_on_its_replica(flask_app_factory, backe
             thread.join()
         assert errors == []
         assert len(set(nodes)) == 1
-        assert nodes[0] == router.current_decision().node.name
+        assert nodes[0] == router.requests.current_decision().node.name
         return nodes[0]
 
     for _ in range(20):

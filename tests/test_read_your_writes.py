@@ -287,7 +287,7 @@ def test_a_failed_replica_read_is_retried_on_another_node(fault_backend, fault_c
     @app.get("/reason")
     def reason():
         node = app.backend.who(app.db.session)
-        outcomes.append((node, router.current_decision().reason))
+        outcomes.append((node, router.requests.current_decision().reason))
         return node
 
     client = app.test_client()
@@ -320,7 +320,7 @@ async def test_quart_retries_a_failed_replica_read(fault_backend, fault_cluster)
     @app.get("/reason")
     async def reason():
         node = await app.who()
-        outcomes.append((node, router.current_decision().reason))
+        outcomes.append((node, router.requests.current_decision().reason))
         return node
 
     async with app.test_app():
