@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event
 
+from .backends import backend_for
 from .config import ReplicatedConfig, StickyMode
 from .cookie import CookieUpdate
 from .counters import Counters
@@ -44,7 +45,6 @@ from .routing import (
 )
 from .statements import StatementKind, classify_sql
 from .sticky import StickyCodec, StickyToken
-from .wal import PRIMARY_POSITION_SQL, format_lsn, parse_lsn
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -102,12 +102,18 @@ class Router:
         self.config = config
         self.primary = primary
         self.replicas = tuple(replicas)
+        # What depends on the database, picked once per engine.
+        self.backends = {n.name: backend_for(n.engine.dialect.name) for n in (primary, *replicas)}
+        self.backend = self.backends[primary.name]
+        self._show_position = self.backend.format_position  # for the debug log
+        if codec is not None and self.backend.has_positions:
+            codec.positions = self.backend
         self._codec = codec
-        self._sticky_mode = config.sticky_mode.resolve(primary.engine.dialect.name == "postgresql")
+        self._sticky_mode = config.sticky_mode.resolve(self.backend.has_positions)
         self._sticky_ttl = config.sticky_ttl(self._sticky_mode)
         self.health = Health(
             self.replicas,
-            probing=all(n.engine.dialect.name == "postgresql" for n in self.replicas),
+            probing=all(self.backends[n.name].has_positions for n in self.replicas),
             check_interval=config.check_interval,
             max_lag=config.max_lag,
             downtime=config.replica_downtime,
@@ -341,7 +347,7 @@ class Router:
                 decision.node.role.value,
                 decision.node.name,
                 decision.reason.value,
-                f" (sticky at {format_lsn(sticky.lsn)})" if sticky and sticky.lsn else "",
+                f" (sticky at {self._show_position(sticky.lsn)})" if sticky and sticky.lsn else "",
             )
 
     def _counter_names(self, decision: Decision, sticky: bool) -> tuple[str, ...]:
@@ -545,11 +551,11 @@ class Router:
         # before_cursor_execute, they do not switch every connection to SQLAlchemy's
         # slower event-aware path (about 15 us a statement).
         primary = self.primary.engine
-        pg = primary.dialect.name == "postgresql"
-        note = self._note_write if pg else self._note_write_sqlite
+        backend = self.backend
+        note = self._note_write if backend.postgresql_syntax else self._note_write_by_text
         for hook in EXECUTE_HOOKS:
             event.listen(primary, hook, note)
-        if pg:
+        if backend.wrote_sql(None) is not None:
             # What the primary did, not what the text says: a commit asks the
             # transaction whether it was given an xid (SELECT my_function(), DO $$).
             event.listen(primary, "commit", self._on_commit)
@@ -571,10 +577,10 @@ class Router:
         if scope is not None and not scope.wrote and classify_sql(statement) is _WRITE:
             scope.wrote = True
 
-    def _note_write_sqlite(
+    def _note_write_by_text(
         self, cursor: Any, statement: str, _a: Any = None, _b: Any = None
     ) -> None:
-        # SQLite has no transaction ids to ask: the text alone decides.
+        # No transaction ids to ask (SQLite): the text alone decides, in SQLite's syntax.
         scope = scope_var.get()
         if (
             scope is not None
@@ -590,8 +596,8 @@ class Router:
         if not scope.wrote or scope.answered:
             # One round trip in the committing transaction. An error propagates: the
             # transaction is then aborted, and the commit must not look like a success.
-            sql = _XID_SQL if (conn.dialect.server_version_info or (0,)) >= (13,) else _TXID_SQL
-            if not conn.exec_driver_sql(sql).scalar():
+            sql = self.backend.wrote_sql(conn.dialect.server_version_info)
+            if sql is not None and not conn.exec_driver_sql(sql).scalar():
                 return
             scope.wrote = True
         if scope.answered:
@@ -605,15 +611,15 @@ class Router:
         if scope is None or scope.closed or not state.asyncio_safe or state.terminate_only:
             return
         try:
-            lsn = parse_lsn(_scalar_outside_transaction(dbapi_connection, PRIMARY_POSITION_SQL))
+            lsn = self.backend.read_primary_position(dbapi_connection)
         except Exception as error:
             logger.warning(
-                "Could not read the primary's WAL position (%s): this client stays on the "
+                "Could not read the primary's position (%s): this client stays on the "
                 "primary for the sticky time instead.",
                 describe_error(error, self.health.secrets),
             )
             return
-        if lsn is not None and (scope.position is None or lsn > scope.position):
+        if lsn is not None and (scope.position is None or not scope.position >= lsn):
             scope.position = lsn
 
     def _warn_late_commit(self, scope: RequestScope) -> None:
@@ -641,37 +647,6 @@ class Router:
 
 _READ = StatementKind.READ
 _WRITE = StatementKind.WRITE
-# Whether the committing transaction was given a transaction id, i.e. wrote.
-_XID_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
-_TXID_SQL = "SELECT txid_current_if_assigned() IS NOT NULL"  # before PostgreSQL 13
 # Where the commit listener leaves the request's scope for the pool's reset event, in
 # the pooled connection's info.
 _COMMITTED = "replicated_committed_scope"
-
-
-def _scalar_outside_transaction(dbapi_connection: Any, sql: str) -> str | None:
-    """The first column of ``sql``'s row, run on a DBAPI connection in autocommit.
-
-    One round trip, and no transaction left open (psycopg, psycopg2 and SQLAlchemy's
-    asyncpg adaptation all have ``autocommit``). Inside an open transaction, which
-    psycopg will not switch, it runs in that transaction: the pool rolls it back next.
-    """
-    switched = False
-    if not dbapi_connection.autocommit:
-        try:
-            dbapi_connection.autocommit = True
-            switched = True
-        except Exception:
-            pass  # in a transaction
-    try:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(sql)
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
-    finally:
-        if switched:
-            dbapi_connection.autocommit = False
-    value = row[0] if row else None
-    return value if isinstance(value, str) else None

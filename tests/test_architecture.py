@@ -59,18 +59,19 @@ def _findings(path: Path) -> list[str]:
             names.append(node.attr)
         elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             names.append(node.name)
-        elif isinstance(node, ast.arg):
-            names.append(node.arg)
-        elif isinstance(node, ast.keyword) and node.arg:
+        elif isinstance(node, ast.arg) or (isinstance(node, ast.keyword) and node.arg):
             names.append(node.arg)
         elif isinstance(node, ast.alias):
             names.extend(node.name.split("."))
         elif isinstance(node, ast.ImportFrom) and node.module:
             modules = set(node.module.split(".")) & _PG_MODULES
             found.extend(f"{path.name}:{node.lineno}: module {m!r}" for m in sorted(modules))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if id(node) not in docstrings:
-                texts.append(node.value)
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+        ):
+            texts.append(node.value)
         for name in names:
             if name not in _ALLOWED_NAMES and _PG_NAME.match(name.strip("_")):
                 found.append(f"{path.name}:{node.lineno}: name {name!r}")
@@ -98,7 +99,10 @@ def test_the_core_outside_backends_knows_no_postgresql():
         ('x = "SELECT pg_is_in_recovery()"', ["probe.py:1: text 'SELECT pg_is_in_recovery()'"]),
         ('if code == "25006": pass', ["probe.py:1: text '25006'"]),
         ('if code.startswith("08"): pass', ["probe.py:1: text '08'"]),
-        ("from .wal import parse_lsn", ["probe.py:1: module 'wal'", "probe.py:1: name 'parse_lsn'"]),
+        (
+            "from .wal import parse_lsn",
+            ["probe.py:1: module 'wal'", "probe.py:1: name 'parse_lsn'"],
+        ),
         ('if dialect.driver == "asyncpg": pass', ["probe.py:1: text 'asyncpg'"]),
         ('"""Reads pg_last_wal_replay_lsn()."""\nname = "UTF-8"\nmode = "wal"', []),
     ],
