@@ -107,7 +107,7 @@ class Router:
         self.backend = self.backends[primary.name]
         self._show_position = self.backend.format_position  # for the debug log
         if codec is not None and self.backend.has_positions:
-            codec.positions = self.backend
+            codec.positions = self.backend  # the token carries the primary's positions
         self._codec = codec
         self._sticky_mode = config.sticky_mode.resolve(self.backend.has_positions)
         self._sticky_ttl = config.sticky_ttl(self._sticky_mode)
@@ -555,7 +555,7 @@ class Router:
         note = self._note_write if backend.postgresql_syntax else self._note_write_by_text
         for hook in EXECUTE_HOOKS:
             event.listen(primary, hook, note)
-        if backend.wrote_sql(None) is not None:
+        if backend.wrote_sql(None) is not None:  # the server can tell what a commit wrote
             # What the primary did, not what the text says: a commit asks the
             # transaction whether it was given an xid (SELECT my_function(), DO $$).
             event.listen(primary, "commit", self._on_commit)
