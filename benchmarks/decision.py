@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from replicated_core.backends import ReplicaProbe
 from replicated_core.config import load_config
 from replicated_core.nodes import Node, Role
 from replicated_core.router import Router
 from replicated_core.rules import RequestFacts, decide
 from replicated_core.session import RoutingSession
 from replicated_core.sticky import StickyCodec, StickyToken
-from replicated_core.wal import ReplicaProbe
 
 from ._apps import SECRET_KEY, Item, flask_app
 from ._common import banner, interleave, median, parse_args, table, verdict

@@ -4,7 +4,7 @@ A real cluster (primary, r1, r2 with 300 ms apply delay); 100 concurrent clients
 (Flask: threads, each with its own test client; Quart: asyncio tasks, each with its
 own test client), 90% GET of one row, 10% POST, for 10 s (2 s with --quick).
 Probes are counted by a ``before_cursor_execute`` listener on the replica engines
-that matches ``REPLICA_PROBE_SQL``. The allowance is one probe per replica per check
+that matches PostgreSQL's ``REPLICA_PROBE_SQL``. The allowance is one probe per replica per check
 interval (0.1 s), plus one per on-demand refresh (``use_replica()`` outside a
 request; this workload has none, and they pass the same interval gate).
 """
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
+from replicated_core.backends.postgresql import REPLICA_PROBE_SQL
 from replicated_core.testing.pgcluster import ReplicaSpec
-from replicated_core.wal import REPLICA_PROBE_SQL
 
 from ._apps import flask_app, quart_app
 from ._common import banner, parse_args, pg_cluster, table, verdict

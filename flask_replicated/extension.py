@@ -13,6 +13,7 @@ from flask.globals import request_ctx
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import text
 
+from replicated_core.backends import ReplicaProbe, backend_for
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to_settings
 from replicated_core.cookie import find_cookie
@@ -26,7 +27,6 @@ from replicated_core.status import (
     status_queries,
 )
 from replicated_core.sticky import StickyCodec
-from replicated_core.wal import REPLICA_PROBE_SQL, ReplicaProbe
 
 from .engines import install_routed_engines, prepare_engines
 
@@ -275,15 +275,16 @@ def probe_replica(node: Node) -> ReplicaProbe:
     it back to a pool nobody will close.
     """
     engine = node.engine
+    backend = backend_for(engine.dialect.name)
     pool = engine.pool
     with engine.connect() as conn:
         info = conn.info  # the pooled connection's: marks it for Router.cut_off()
         info[PROBE_MARK] = True
         try:
             auto = conn.execution_options(isolation_level="AUTOCOMMIT")
-            row = auto.execute(text(REPLICA_PROBE_SQL)).one()
+            row = auto.execute(text(backend.replica_probe_sql)).one()
         finally:
             info.pop(PROBE_MARK, None)
             if engine.pool is not pool:
                 conn.invalidate()
-    return ReplicaProbe.from_row(tuple(row))
+    return backend.replica_probe(tuple(row))

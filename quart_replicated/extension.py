@@ -20,6 +20,7 @@ from quart.signals import (
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from replicated_core.backends import ReplicaProbe, backend_for
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, load_config, options_to_settings
 from replicated_core.cookie import find_cookie
@@ -34,7 +35,6 @@ from replicated_core.status import (
     status_queries,
 )
 from replicated_core.sticky import StickyCodec
-from replicated_core.wal import REPLICA_PROBE_SQL, ReplicaProbe
 
 from .engines import create_engines
 
@@ -61,10 +61,11 @@ class _AppState:
     async def probe_replica(self, node: Node) -> ReplicaProbe:
         """Read a replica's replay position and lag: one round trip on a pooled
         connection, in autocommit (no BEGIN, no ROLLBACK)."""
+        backend = backend_for(node.engine.dialect.name)
         async with self.by_node[node.name].connect() as conn:
             auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            row = (await auto.execute(text(REPLICA_PROBE_SQL))).one()
-        return ReplicaProbe.from_row(tuple(row))
+            row = (await auto.execute(text(backend.replica_probe_sql))).one()
+        return backend.replica_probe(tuple(row))
 
 
 def _router_of_session(session: Session) -> Router | None:

@@ -23,10 +23,11 @@ the error with its node and with whether it was raised while connecting.
 
 Only a connection-level failure is a replica failure, on every backend: a connect
 that failed, a connection SQLAlchemy's dialect found broken (``is_disconnect``, seen
-as ``connection_invalidated``), or a PostgreSQL "connection exception" or "server
-shut down" error. A bad query (a missing table, a syntax error) is the view's error,
-raised from the replica as it is: SQLite's driver errors carry no SQLSTATE, so the
-kind of exception alone cannot tell one from the other.
+as ``connection_invalidated``), or an error its backend calls "connection lost"
+(PostgreSQL's "connection exception" or "server shut down"). A bad query (a missing
+table, a syntax error) is the view's error, raised from the replica as it is: SQLite's
+driver errors carry no SQLSTATE, so the kind of exception alone cannot tell one from
+the other.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
+from .backends import ErrorKind, classify_driver_error
 from .intent import current_override, current_scope
 from .nodes import Node, Role
 
@@ -57,8 +59,6 @@ __all__ = [
     "with_failover",
 ]
 
-_RECOVERY_CONFLICT = "40001"
-_SERVER_GONE = frozenset({"57P01", "57P02", "57P03"})
 _NODE_ATTRIBUTE = "_replicated_failed_node"
 _CONNECTING_ATTRIBUTE = "_replicated_failed_to_connect"
 
@@ -73,14 +73,14 @@ class Failure(enum.Enum):
 def classify_failure(error: BaseException) -> Failure | None:
     """Whether ``error`` means the replica is gone (or conflicted), not a bad query."""
     orig = getattr(error, "orig", None) or error
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if code == _RECOVERY_CONFLICT and "conflict with recovery" in str(orig):
+    kind = classify_driver_error(orig)
+    if kind is ErrorKind.RECOVERY_CONFLICT:
         return Failure.CONFLICT
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return Failure.DOWN  # the dialect's is_disconnect: the connection broke
     if getattr(error, _CONNECTING_ATTRIBUTE, False):
         return Failure.DOWN  # the driver could not connect, whatever the reason
-    if isinstance(code, str) and (code.startswith("08") or code in _SERVER_GONE):
+    if kind is ErrorKind.CONNECTION_LOST:
         return Failure.DOWN
     if isinstance(error, OSError):  # TimeoutError and ConnectionRefusedError included
         return Failure.DOWN

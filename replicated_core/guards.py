@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
+from .backends import ErrorKind, backend_for
 from .errors import ReplicaWriteError
 from .failover import note_replica_error
 from .health import INTERRUPTED
@@ -23,6 +23,7 @@ from .intent import Intent, current_override, current_scope
 from .statements import StatementKind, classify_sql
 
 if TYPE_CHECKING:
+    from .backends import Backend
     from .nodes import Node
 
 __all__ = ["CUT_MARK", "EXECUTE_HOOKS", "guard_replica", "refusal_message"]
@@ -33,21 +34,20 @@ EXECUTE_HOOKS = ("do_execute", "do_executemany", "do_execute_no_params")
 CUT_MARK = "replicated.cut"
 
 _READ = StatementKind.READ
-_READ_ONLY_SQLSTATE = "25006"
-_RECOVERY_SQLSTATES = ("XX000", "0A000")
 
 
 def guard_replica(node: Node, connect_timeout: float) -> None:
     """Install the guards on ``node``'s engine."""
-    refuse = _refuse_writes(node)
+    backend = backend_for(node.engine.dialect.name)
+    refuse = _refuse_writes(node, backend)
     for hook in EXECUTE_HOOKS:
         event.listen(node.engine, hook, refuse)
-    event.listen(node.engine, "handle_error", _translate_errors(node))
-    event.listen(node.engine, "do_connect", _connect_timeout(connect_timeout))
+    event.listen(node.engine, "handle_error", _translate_errors(node, backend))
+    event.listen(node.engine, "do_connect", _connect_timeout(backend, connect_timeout))
 
 
-def _refuse_writes(node: Node) -> Any:
-    pg = node.engine.dialect.name == "postgresql"
+def _refuse_writes(node: Node, backend: Backend) -> Any:
+    pg = backend.postgresql_syntax
 
     # Listens to do_execute/do_executemany (cursor, statement, parameters, context)
     # and do_execute_no_params (cursor, statement, context).
@@ -59,7 +59,7 @@ def _refuse_writes(node: Node) -> Any:
     return refuse
 
 
-def _translate_errors(node: Node) -> Any:
+def _translate_errors(node: Node, backend: Backend) -> Any:
     def on_error(context: Any) -> None:
         orig = context.original_exception
         conn = context.connection
@@ -67,13 +67,7 @@ def _translate_errors(node: Node) -> Any:
             # Cut off by the router: not a failure of the replica.
             setattr(context.sqlalchemy_exception, INTERRUPTED, True)
             setattr(orig, INTERRUPTED, True)
-        code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-        if code == _READ_ONLY_SQLSTATE or (
-            # lo_create: XX000 "cannot assign OIDs during recovery"; SET
-            # TRANSACTION READ WRITE: 0A000 "cannot set transaction read-write
-            # mode during recovery". The codes alone are too broad.
-            code in _RECOVERY_SQLSTATES and "during recovery" in str(orig)
-        ):
+        if backend.classify_error(orig) is ErrorKind.READ_ONLY:
             raise ReplicaWriteError(refusal_message(node)) from context.sqlalchemy_exception
         # Failover needs to know which replica failed; the error is what it gets.
         note_replica_error(context, node)
@@ -81,14 +75,11 @@ def _translate_errors(node: Node) -> Any:
     return on_error
 
 
-def _connect_timeout(timeout: float) -> Any:
+def _connect_timeout(backend: Backend, timeout: float) -> Any:
     # A replica that hangs must not hang the request: bound the connect, unless the
     # app set its own timeout in the engine's connect_args.
     def limit(dialect: Any, rec: Any, cargs: Any, cparams: Any) -> None:
-        if dialect.driver in ("psycopg", "psycopg2"):
-            cparams.setdefault("connect_timeout", max(1, math.ceil(timeout)))
-        elif dialect.driver == "asyncpg":
-            cparams.setdefault("timeout", timeout)
+        backend.bound_connect(dialect.driver, cparams, timeout)
 
     return limit
 

@@ -1,4 +1,4 @@
-"""Replica health: replay positions, lag, and replicas marked down after failures.
+"""Replica health: the state machine of replay positions, lag and down-marks.
 
 One registry per router (so per process and app). Requests only read it; the
 router's prober (replicated_core.prober) asks ``plan()`` once per check interval
@@ -12,17 +12,18 @@ import logging
 import math
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .backends import ErrorKind, classify_driver_error
+from .lag import LagClock
 from .rules import ReplicaView
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from .backends import ReplicaProbe
     from .nodes import Node
-    from .wal import ReplicaProbe
 
 __all__ = ["INTERRUPTED", "Check", "Health", "Plan", "ReplicaState", "describe_error"]
 
@@ -30,10 +31,6 @@ __all__ = ["INTERRUPTED", "Check", "Health", "Plan", "ReplicaState", "describe_e
 INTERRUPTED = "_replicated_interrupted"
 
 logger = logging.getLogger("replicated")
-
-# Positions remembered per replica while they wait for replay: one per check at most,
-# so this covers far more than any sensible REPLICATED_MAX_LAG.
-_MAX_WAITING = 10_000
 
 
 @dataclass(slots=True)
@@ -49,8 +46,7 @@ class ReplicaState:
     node: Node
     probe: ReplicaProbe | None = None
     lag_seconds: float = 0.0
-    waiting: deque[tuple[int, float]] = field(default_factory=deque)
-    first_seen: float | None = None
+    lag_clock: LagClock = field(default_factory=LagClock)
     down_until: float = 0.0
     down_since: float | None = None
     overdue_since: float | None = None
@@ -130,7 +126,8 @@ class Health:
 
     @property
     def probing(self) -> bool:
-        """Whether replica positions can be read (PostgreSQL); fixed at creation."""
+        """Whether replica positions can be read (their backend has positions); fixed
+        at creation."""
         return self._probing
 
     def views(self) -> Sequence[ReplicaView]:
@@ -304,7 +301,7 @@ class Health:
         self, state: ReplicaState, probe: ReplicaProbe, notes: list[tuple[str, tuple[object, ...]]]
     ) -> None:
         state.probe = probe
-        state.lag_seconds = self._lag(state, probe)
+        state.lag_seconds = state.lag_clock.lag(probe, self.clock())
         state.needs_check = False
         if state.down_since is not None:
             notes.append(
@@ -326,34 +323,6 @@ class Health:
                     (state.node.name,),
                 )
             )
-
-    def _lag(self, state: ReplicaState, probe: ReplicaProbe) -> float:
-        """How long the oldest WAL seen arriving at the replica has waited for replay.
-
-        The server's own figure (the age of the last replayed commit) is right while
-        the primary is busy, but after an idle spell it reports the whole idle time the
-        moment one new write arrives. So each check remembers when it first saw a
-        received position the replica had not replayed, and the lag is the age of the
-        oldest such position still unreplayed. Only when the replica was already behind
-        at the very first check, so nothing tells how long, is the server's figure used.
-        """
-        now = self.clock()
-        if state.first_seen is None:
-            state.first_seen = now
-        waiting, replay, receive = state.waiting, probe.replay_lsn, probe.receive_lsn
-        if replay is None or receive is None:
-            return probe.lag_seconds
-        while waiting and waiting[0][0] <= replay:
-            waiting.popleft()
-        newly_received = not waiting or waiting[-1][0] < receive
-        if receive > replay and newly_received and len(waiting) < _MAX_WAITING:
-            waiting.append((receive, now))
-        if not waiting:
-            return 0.0
-        since = waiting[0][1]
-        if since == state.first_seen:
-            return max(probe.lag_seconds, now - since)
-        return now - since
 
     def mark_down(self, node: Node, error: BaseException) -> None:
         """Leave ``node`` alone for the downtime, after a failed connect or probe.
@@ -388,8 +357,7 @@ class Health:
         state.epoch += 1
         state.probe = None
         state.needs_check = True
-        state.waiting.clear()
-        state.first_seen = None
+        state.lag_clock.reset()
         first = now >= state.down_until and state.down_since is None
         state.down_until = now + self.downtime
         if first:
@@ -404,9 +372,9 @@ class Health:
 
 
 def _is_timeout(error: BaseException) -> bool:
-    # psycopg's ConnectionTimeout, asyncpg's and the socket's TimeoutError.
+    # A driver's own connect timeout, or the socket's TimeoutError.
     cause = getattr(error, "orig", None) or error
-    return isinstance(cause, TimeoutError) or type(cause).__name__ == "ConnectionTimeout"
+    return isinstance(cause, TimeoutError) or classify_driver_error(cause) is ErrorKind.TIMEOUT
 
 
 def _log(notes: Sequence[tuple[str, tuple[object, ...]]]) -> None:

@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
     from sqlalchemy.pool import Pool
 
+    from .backends import ReplicaProbe
     from .health import Check, Health
     from .nodes import Node
-    from .wal import ReplicaProbe
 
 __all__ = ["TaskProber", "ThreadProber"]
 

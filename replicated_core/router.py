@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event
 
+from .backends import backend_for
 from .config import ReplicatedConfig, StickyMode
 from .counters import Counters
 from .guards import CUT_MARK, EXECUTE_HOOKS, guard_replica
@@ -28,7 +29,6 @@ from .prober import TaskProber, ThreadProber
 from .rules import Decision, Reason, decide
 from .scope import Requests
 from .statements import StatementKind, classify_sql
-from .wal import PRIMARY_POSITION_SQL, parse_lsn
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -81,12 +81,17 @@ class Router:
         self.config = config
         self.primary = primary
         self.replicas = tuple(replicas)
+        # What depends on the database, picked once per engine.
+        self.backends = {n.name: backend_for(n.engine.dialect.name) for n in (primary, *replicas)}
+        self.backend = self.backends[primary.name]
+        if codec is not None and self.backend.has_positions:
+            codec.positions = self.backend  # the token carries the primary's positions
         self._codec = codec
-        self._sticky_mode = config.sticky_mode.resolve(primary.engine.dialect.name == "postgresql")
+        self._sticky_mode = config.sticky_mode.resolve(self.backend.has_positions)
         self._sticky_ttl = config.sticky_ttl(self._sticky_mode)
         self.health = Health(
             self.replicas,
-            probing=all(n.engine.dialect.name == "postgresql" for n in self.replicas),
+            probing=all(self.backends[n.name].has_positions for n in self.replicas),
             check_interval=config.check_interval,
             max_lag=config.max_lag,
             downtime=config.replica_downtime,
@@ -121,6 +126,7 @@ class Router:
             self._sticky_mode,
             self._sticky_ttl,
             self._choose,
+            self.backend.format_position,
         )
         self._warned_late_commit = False
         self._install_guards()
@@ -309,11 +315,11 @@ class Router:
         # before_cursor_execute, they do not switch every connection to SQLAlchemy's
         # slower event-aware path (about 15 us a statement).
         primary = self.primary.engine
-        pg = primary.dialect.name == "postgresql"
-        note = self._note_write if pg else self._note_write_sqlite
+        backend = self.backend
+        note = self._note_write if backend.postgresql_syntax else self._note_write_by_text
         for hook in EXECUTE_HOOKS:
             event.listen(primary, hook, note)
-        if pg:
+        if backend.wrote_sql(None) is not None:  # the server can tell what a commit wrote
             # What the primary did, not what the text says: a commit asks the
             # transaction whether it was given an xid (SELECT my_function(), DO $$).
             event.listen(primary, "commit", self._on_commit)
@@ -335,10 +341,10 @@ class Router:
         if scope is not None and not scope.wrote and classify_sql(statement) is _WRITE:
             scope.wrote = True
 
-    def _note_write_sqlite(
+    def _note_write_by_text(
         self, cursor: Any, statement: str, _a: Any = None, _b: Any = None
     ) -> None:
-        # SQLite has no transaction ids to ask: the text alone decides.
+        # No transaction ids to ask (SQLite): the text alone decides, in SQLite's syntax.
         scope = scope_var.get()
         if (
             scope is not None
@@ -354,8 +360,8 @@ class Router:
         if not scope.wrote or scope.answered:
             # One round trip in the committing transaction. An error propagates: the
             # transaction is then aborted, and the commit must not look like a success.
-            sql = _XID_SQL if (conn.dialect.server_version_info or (0,)) >= (13,) else _TXID_SQL
-            if not conn.exec_driver_sql(sql).scalar():
+            sql = self.backend.wrote_sql(conn.dialect.server_version_info)
+            if sql is not None and not conn.exec_driver_sql(sql).scalar():
                 return
             scope.wrote = True
         if scope.answered:
@@ -369,15 +375,15 @@ class Router:
         if scope is None or scope.closed or not state.asyncio_safe or state.terminate_only:
             return
         try:
-            lsn = parse_lsn(_scalar_outside_transaction(dbapi_connection, PRIMARY_POSITION_SQL))
+            lsn = self.backend.read_primary_position(dbapi_connection)
         except Exception as error:
             logger.warning(
-                "Could not read the primary's WAL position (%s): this client stays on the "
+                "Could not read the primary's position (%s): this client stays on the "
                 "primary for the sticky time instead.",
                 describe_error(error, self.health.secrets),
             )
             return
-        if lsn is not None and (scope.position is None or lsn > scope.position):
+        if lsn is not None and (scope.position is None or not scope.position >= lsn):
             scope.position = lsn
 
     def _warn_late_commit(self, scope: RequestScope) -> None:
@@ -405,37 +411,6 @@ class Router:
 
 _READ = StatementKind.READ
 _WRITE = StatementKind.WRITE
-# Whether the committing transaction was given a transaction id, i.e. wrote.
-_XID_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
-_TXID_SQL = "SELECT txid_current_if_assigned() IS NOT NULL"  # before PostgreSQL 13
 # Where the commit listener leaves the request's scope for the pool's reset event, in
 # the pooled connection's info.
 _COMMITTED = "replicated_committed_scope"
-
-
-def _scalar_outside_transaction(dbapi_connection: Any, sql: str) -> str | None:
-    """The first column of ``sql``'s row, run on a DBAPI connection in autocommit.
-
-    One round trip, and no transaction left open (psycopg, psycopg2 and SQLAlchemy's
-    asyncpg adaptation all have ``autocommit``). Inside an open transaction, which
-    psycopg will not switch, it runs in that transaction: the pool rolls it back next.
-    """
-    switched = False
-    if not dbapi_connection.autocommit:
-        try:
-            dbapi_connection.autocommit = True
-            switched = True
-        except Exception:
-            pass  # in a transaction
-    try:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(sql)
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
-    finally:
-        if switched:
-            dbapi_connection.autocommit = False
-    value = row[0] if row else None
-    return value if isinstance(value, str) else None

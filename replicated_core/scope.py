@@ -15,12 +15,12 @@ from .intent import forces_primary, scope_var
 from .nodes import Role
 from .rules import Decision, Reason, RequestFacts, decide
 from .sticky import StickyToken
-from .wal import format_lsn
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from contextvars import Token
 
+    from .backends import Position
     from .config import ReplicatedConfig
     from .counters import Counters
     from .health import Health
@@ -153,8 +153,10 @@ class Requests:
         sticky_mode: StickyMode,
         sticky_ttl: float,
         choose: Callable[[Sequence[Decision]], Decision],
+        show_position: Callable[[Position], str],
     ) -> None:
         self._owner = owner
+        self._show_position = show_position  # for the debug log
         self._config = config
         self._primary = primary
         self._health = health
@@ -287,7 +289,7 @@ class Requests:
                 decision.node.role.value,
                 decision.node.name,
                 decision.reason.value,
-                f" (sticky at {format_lsn(sticky.lsn)})" if sticky and sticky.lsn else "",
+                f" (sticky at {self._show_position(sticky.lsn)})" if sticky and sticky.lsn else "",
             )
 
     def _candidates(

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from .health import describe_error
 from .nodes import Node, Role
-from .wal import REPLICA_PROBE_SQL, ReplicaProbe, parse_lsn
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
@@ -33,15 +32,6 @@ __all__ = [
 
 _PLAIN_SQL = "SELECT 1"
 
-# Is the primary really a primary, and how far has it flushed its WAL. The flush
-# position, not the insert position the sticky cookie uses: right after a WAL page or
-# segment boundary the insert position points past the new page's header, which no
-# replica replays, so an idle, caught-up replica looked 40 bytes behind for good.
-# (A standby cannot report either: ask only a server that is not one.)
-_PRIMARY_STATUS_SQL = """\
-SELECT pg_is_in_recovery(),
-       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_flush_lsn()::text END"""
-
 _UNKNOWN = "unknown"
 
 _logger = logging.getLogger("replicated")
@@ -51,7 +41,9 @@ _logger = logging.getLogger("replicated")
 class NodeStatus:
     """One line of the status table.
 
-    ``lag_bytes`` is the WAL the primary has flushed and the replica has not replayed.
+    ``lag_bytes`` is how far the replica's replay trails the primary, in its backend's
+    unit (for PostgreSQL, the WAL the primary has flushed and the replica has not
+    replayed).
     ``lag_seconds`` is None where nothing tells how long those bytes have waited: one
     check sees bytes waiting but not since when, so a single ``status`` run (a process
     of its own) shows bytes and no time until the replica has caught up.
@@ -164,11 +156,20 @@ def reported_by_the_table() -> Iterator[None]:
 
 def status_queries(router: Router) -> dict[str, str]:
     """The SQL to run on each node, by node name."""
-    postgres = router.health.probing
-    queries = {router.primary.name: _PRIMARY_STATUS_SQL if postgres else _PLAIN_SQL}
-    for node in router.replicas:
-        queries[node.name] = REPLICA_PROBE_SQL if postgres else _PLAIN_SQL
-    return queries
+    probing = router.health.probing
+    backends = router.backends
+    return {
+        node.name: (
+            (
+                backends[node.name].replica_probe_sql
+                if node.role is Role.REPLICA
+                else backends[node.name].primary_status_sql
+            )
+            if probing
+            else _PLAIN_SQL
+        )
+        for node in (router.primary, *router.replicas)
+    }
 
 
 def build_status(
@@ -176,25 +177,27 @@ def build_status(
 ) -> ClusterStatus:
     """Turn each node's row (or error) from ``status_queries`` into the status."""
     secrets = router.health.secrets
-    postgres = router.health.probing
+    probing = router.health.probing
     primary_row = results[router.primary.name]
-    primary_lsn = None
-    if postgres and isinstance(primary_row, tuple):
-        primary_lsn = parse_lsn(primary_row[1] if isinstance(primary_row[1], str) else None)
-    nodes = [_primary_status(router.primary, primary_row, postgres, secrets)]
+    in_recovery, primary_position = None, None
+    if probing and isinstance(primary_row, tuple):
+        in_recovery, primary_position = router.backend.primary_status(primary_row)
+    nodes = [_primary_status(router.primary, primary_row, in_recovery, secrets)]
     for node in router.replicas:
         row = results[node.name]
         if isinstance(row, BaseException):
             router.health.mark_down(node, row)
             nodes.append(_unreachable(node, row, secrets, marked_down=True))
             continue
-        probe = ReplicaProbe.from_row(row) if postgres else None
+        backend = router.backends[node.name]
+        probe = backend.replica_probe(row) if probing else None
         checked_at = router.health.clock()
+        lag_bytes = None
         if probe is not None:
             router.health.record(node, probe)
-        lag_bytes = probe.lag_bytes if probe is not None else None
-        if probe is not None and primary_lsn is not None and probe.replay_lsn is not None:
-            lag_bytes = max(0, primary_lsn - probe.replay_lsn)
+            lag_bytes = backend.distance(probe.receive_lsn, probe.replay_lsn)
+            if primary_position is not None and probe.replay_lsn is not None:
+                lag_bytes = backend.distance(primary_position, probe.replay_lsn)
         state = router.health.states[node.name]
         lag_seconds = _lag_seconds(state, lag_bytes, checked_at)
         usable = router.health.usable(node.name)
@@ -236,19 +239,19 @@ def _lag_seconds(state: ReplicaState, lag_bytes: int | None, checked_at: float) 
         return None
     if lag_bytes == 0:
         return 0.0
-    if state.waiting:
-        since = state.waiting[0][1]
-        if since != state.first_seen and since < checked_at:
-            return state.lag_seconds
+    if state.lag_clock.known_since(checked_at) is not None:
+        return state.lag_seconds
     return None
 
 
 def _primary_status(
-    node: Node, row: tuple[object, ...] | BaseException, postgres: bool, secrets: tuple[str, ...]
+    node: Node,
+    row: tuple[object, ...] | BaseException,
+    in_recovery: bool | None,
+    secrets: tuple[str, ...],
 ) -> NodeStatus:
     if isinstance(row, BaseException):
         return _unreachable(node, row, secrets, marked_down=False)
-    in_recovery = bool(row[0]) if postgres else None
     return NodeStatus(
         name=node.name,
         role=node.role.value,

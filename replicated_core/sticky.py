@@ -1,5 +1,6 @@
-"""The sticky token: what it says (a WAL position or a time) and how it is signed,
-with the app's key and its fallbacks. How it travels is ``cookie``'s business."""
+"""The sticky token: what it says (the primary's position or a time) and how it is
+signed, with the app's key and its fallbacks. How it travels is ``cookie``'s business;
+how a position is written into it, its backend's."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .backends import TOKEN_POSITIONS
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
+
+    from .backends import Backend, Position
 
 __all__ = [
     "CLOCK_SKEW",
@@ -31,11 +36,6 @@ MAX_COOKIE_LENGTH = 200
 # whole seconds: a cookie stamped up to this far in the future is still honoured.
 CLOCK_SKEW = 2.0
 _CHECKED_VALUES = 256
-_HEX = frozenset(b"0123456789abcdef")
-# What this codec makes: a position or "t", a stamp of up to 8 bytes and an HMAC-SHA1
-# (20 bytes), base64url without padding. Only a value of this shape whose signature
-# no key matches is reported: anything else is not a sticky cookie at all.
-_SHAPE = re.compile(r"(?:t|[0-9a-f]{1,16})\.[A-Za-z0-9_-]{2,11}\.[A-Za-z0-9_-]{27}")
 
 logger = logging.getLogger("replicated")
 
@@ -53,17 +53,17 @@ KEY_MISMATCH_WARNING = (
 class StickyToken:
     """What a writing request tells the client's later requests.
 
-    ``lsn`` is the primary's WAL position after the write (PostgreSQL, "wal" mode),
-    or None when only the time of the write is known ("time" mode).
+    ``lsn`` is the primary's position after the write ("wal" mode, a backend with
+    positions), or None when only the time of the write is known ("time" mode).
     """
 
-    lsn: int | None = None
+    lsn: Position | None = None
 
 
 class StickyCodec:
     """Signs and checks sticky cookies with the app's secret key.
 
-    The value is ``<position in hex, or "t">.<timestamp>.<signature>``, byte for byte
+    The value is ``<position, or "t">.<timestamp>.<signature>``, byte for byte
     what itsdangerous's ``TimestampSigner(secret_key, salt=salt)`` makes (HMAC-SHA1
     over a key derived once, URL-safe base64). It is written out here because the
     library derives the key again and sets up a new HMAC on every call, which the
@@ -75,6 +75,9 @@ class StickyCodec:
     forged, expired or oversized cookie reads as no cookie at all. A value of this
     codec's shape that no key matches most likely comes from a server with another
     secret key: that is logged once, as a warning.
+
+    ``positions`` is the backend that writes and reads the position (by default
+    PostgreSQL's: lower-case hex); the router sets its primary's.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class StickyCodec:
         secret_key: str | bytes,
         salt: str = "replicated.sticky",
         fallbacks: str | bytes | Iterable[str | bytes] | None = None,
+        positions: Backend = TOKEN_POSITIONS,
     ) -> None:
         # Copied for each signature: a copy skips OpenSSL's lookup of the algorithm,
         # which a one-shot hmac.digest() makes on every call (up to 20 us in a busy
@@ -99,11 +103,12 @@ class StickyCodec:
         # the check of a value is kept (not its age, which is computed each time). A
         # few hundred entries of under 200 characters: bounded, whatever clients send.
         self._check = functools.lru_cache(maxsize=_CHECKED_VALUES)(self._verify)
+        self.positions = positions
 
     def dumps(self, token: StickyToken, now: int | None = None) -> str:
         """The cookie value for ``token``, stamped with ``now`` (whole seconds since
         the epoch; default: the current time)."""
-        payload = b"t" if token.lsn is None else format(token.lsn, "x").encode("ascii")
+        payload = b"t" if token.lsn is None else self._positions.dump_position(token.lsn)
         if now is None:
             now = int(time.time())
         last = self._last
@@ -139,7 +144,7 @@ class StickyCodec:
             body, _, signature = raw.rpartition(b".")
             payload, _, stamp = body.rpartition(b".")
             if not self._signed_by_a_key(body, signature):
-                if _SHAPE.fullmatch(value):
+                if self._shape.fullmatch(value):
                     self._warn_key_mismatch()
                 return None
             stamp_bytes = _decode(stamp)
@@ -150,9 +155,27 @@ class StickyCodec:
         signed_at = int.from_bytes(stamp_bytes, "big")
         if payload == b"t":
             return signed_at, StickyToken()
-        if not 0 < len(payload) <= 16 or not all(c in _HEX for c in payload):
+        position = self._positions.load_position(payload)
+        if position is None:
             return None
-        return signed_at, StickyToken(lsn=int(payload, 16))
+        return signed_at, StickyToken(lsn=position)
+
+    @property
+    def positions(self) -> Backend:
+        """The backend whose positions the token carries."""
+        return self._positions
+
+    @positions.setter
+    def positions(self, backend: Backend) -> None:
+        self._positions = backend
+        # What this codec makes: a position or "t", a stamp of up to 8 bytes and an
+        # HMAC-SHA1 (20 bytes), base64url without padding. Only a value of this shape
+        # whose signature no key matches is reported: anything else is not a sticky
+        # cookie at all.
+        self._shape = re.compile(
+            rf"(?:t|{backend.token_pattern})\.[A-Za-z0-9_-]{{2,11}}\.[A-Za-z0-9_-]{{27}}"
+        )
+        self._check.cache_clear()  # values read with the previous backend's positions
 
     def _signature(self, body: bytes, keyed: hmac.HMAC | None = None) -> bytes:
         mac = (keyed or self._hmac).copy()

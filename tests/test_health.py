@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from replicated_core.backends import ReplicaProbe
 from replicated_core.health import Health
 from replicated_core.nodes import Node, Role
-from replicated_core.wal import ReplicaProbe
 
 NODE = Node("r1", Role.REPLICA, sa.create_engine("sqlite://"))
 

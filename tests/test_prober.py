@@ -13,9 +13,10 @@ from sqlalchemy import event
 from support import dispose_flask_app, make_flask_app, make_quart_app
 
 from flask_replicated.extension import probe_replica
+from replicated_core.backends import ReplicaProbe
+from replicated_core.backends.postgresql import REPLICA_PROBE_SQL
 from replicated_core.health import Health
 from replicated_core.nodes import Node, Role
-from replicated_core.wal import REPLICA_PROBE_SQL, ReplicaProbe
 
 HEADER = "X-Served-By"
 
