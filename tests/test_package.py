@@ -54,3 +54,19 @@ def test_runtime_code_never_imports_the_test_harness():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_every_package_is_in_the_wheel():
+    """setuptools installs only the packages pyproject.toml lists: a subpackage left out
+    is missing from a non-editable install (the pytest plugin's entry point included)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = sorted(
+        ".".join(init.parent.relative_to(root).parts)
+        for top in ("replicated_core", "flask_replicated", "quart_replicated")
+        for init in (root / top).rglob("__init__.py")
+    )
+    assert sorted(listed) == found
