@@ -26,7 +26,7 @@ from replicated_core.status import (
     reported_by_the_table,
     status_queries,
 )
-from replicated_core.sticky import StickyCodec
+from replicated_core.sticky import StickyCodec, token_salt
 
 from .engines import install_routed_engines, prepare_engines
 
@@ -81,7 +81,11 @@ class FlaskReplicated:
         binds = {key: engine for key, engine in engines.items() if key is not None}
         primary, replicas = build_nodes(config, binds, default, replica_engines)
         codec = (
-            StickyCodec(app.secret_key, fallbacks=app.config.get("SECRET_KEY_FALLBACKS"))
+            StickyCodec(
+                app.secret_key,
+                salt=token_salt(config.cookie_name),
+                fallbacks=app.config.get("SECRET_KEY_FALLBACKS"),
+            )
             if app.secret_key
             else None
         )
@@ -162,6 +166,12 @@ class _Hooks:
         self.views = app.view_functions
         self.cookie = router.config.cookie_name
         self.header = router.config.debug_header
+        token_header = router.config.token_header
+        self.token_header = token_header
+        # Where WSGI puts that request header.
+        self.token_key = (
+            None if token_header is None else "HTTP_" + token_header.upper().replace("-", "_")
+        )
         # Whether a response after a write carries the primary's WAL position.
         self.wal = router.sticky_mode is StickyMode.WAL and router.codec is not None
 
@@ -213,8 +223,10 @@ class _Hooks:
             facts = self.requests.facts(req.method, None, None)  # a 404 or 405
         else:
             return  # a session interface or URL converter, before the match: not yet
-        raw = req.environ.get("HTTP_COOKIE")
-        self.requests.settle(scope, facts, find_cookie(raw, self.cookie) if raw else None)
+        environ = req.environ
+        raw = environ.get("HTTP_COOKIE")
+        token = environ.get(self.token_key) if self.token_key is not None else None
+        self.requests.settle(scope, facts, find_cookie(raw, self.cookie) if raw else None, token)
 
     def respond(
         self, scope: RequestScope, environ: WSGIEnvironment, headers: list[tuple[str, str]]
@@ -237,6 +249,8 @@ class _Hooks:
             update = self.requests.cookie_update(lsn, secure=secure, path=path, scope=scope)
             if update is not None:
                 headers.append(("Set-Cookie", update.header_value))
+                if self.token_header is not None and update.value is not None:
+                    headers.append((self.token_header, update.value))
 
     def close_session(self, exc: BaseException | None) -> None:
         # Flask-SQLAlchemy's own teardown, but a connection that died after the

@@ -34,7 +34,7 @@ from replicated_core.status import (
     reported_by_the_table,
     status_queries,
 )
-from replicated_core.sticky import StickyCodec
+from replicated_core.sticky import StickyCodec, token_salt
 
 from .engines import create_engines
 
@@ -130,7 +130,11 @@ class QuartReplicated:
                 engine.sync_engine.dispose()
             raise
         codec = (
-            StickyCodec(app.secret_key, fallbacks=app.config.get("SECRET_KEY_FALLBACKS"))
+            StickyCodec(
+                app.secret_key,
+                salt=token_salt(config.cookie_name),
+                fallbacks=app.config.get("SECRET_KEY_FALLBACKS"),
+            )
             if app.secret_key
             else None
         )
@@ -266,6 +270,7 @@ def _hook(app: Quart, state: _AppState) -> None:
     requests = router.requests
     cookie_name = router.config.cookie_name
     debug_header = router.config.debug_header
+    token_header = router.config.token_header
     prober = state.prober
 
     async def request_started_(sender: Quart, **extra: Any) -> None:
@@ -275,7 +280,12 @@ def _hook(app: Quart, state: _AppState) -> None:
         facts = requests.facts(req.method, endpoint, view)
         if prober is not None and requests.needs_positions(facts):
             await prober.ensure()
-        requests.begin(facts, _sticky_cookie(req.headers.getlist("Cookie"), cookie_name))
+        headers = req.headers
+        requests.begin(
+            facts,
+            _sticky_cookie(headers.getlist("Cookie"), cookie_name),
+            headers.get(token_header) if token_header is not None else None,
+        )
 
     async def websocket_started_(sender: Quart, **extra: Any) -> None:
         endpoint = websocket.endpoint
@@ -283,7 +293,12 @@ def _hook(app: Quart, state: _AppState) -> None:
         facts = requests.facts("WEBSOCKET", endpoint, view, websocket=True)
         if prober is not None and requests.needs_positions(facts):
             await prober.ensure()
-        requests.begin(facts, _sticky_cookie(websocket.headers.getlist("Cookie"), cookie_name))
+        headers = websocket.headers
+        requests.begin(
+            facts,
+            _sticky_cookie(headers.getlist("Cookie"), cookie_name),
+            headers.get(token_header) if token_header is not None else None,
+        )
 
     async def after_request(response: Response) -> Response:
         scope = requests.scope()
@@ -300,6 +315,8 @@ def _hook(app: Quart, state: _AppState) -> None:
             update = requests.cookie_update(lsn, secure=request.is_secure, path=path, scope=scope)
             if update is not None:
                 update.apply(response)
+                if token_header is not None and update.value is not None:
+                    response.headers[token_header] = update.value
         return response
 
     async def tearing_down(sender: Quart, **extra: Any) -> None:

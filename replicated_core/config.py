@@ -56,6 +56,7 @@ DEFAULTS: Mapping[str, object] = {
     "REPLICATED_CONNECT_TIMEOUT": 2.0,
     "REPLICATED_WEBSOCKET_READONLY": False,
     "REPLICATED_DEBUG_HEADER": None,
+    "REPLICATED_TOKEN_HEADER": "Replicated-Token",
 }
 
 # RFC 6265 cookie-name token: visible ASCII except separators.
@@ -94,6 +95,7 @@ class ReplicatedConfig:
     connect_timeout: float
     websocket_readonly: bool
     debug_header: str | None
+    token_header: str | None = "Replicated-Token"
     replicas: tuple[ReplicaURL, ...] = ()
 
     def sticky_ttl(self, mode: StickyMode) -> float:
@@ -138,6 +140,15 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
             "REPLICATED_REPLICA_BINDS",
             DEFAULT_REPLICA_BINDS if raw_replicas is None else raw_replicas,
         )
+    for header in ("REPLICATED_DEBUG_HEADER", "REPLICATED_TOKEN_HEADER"):
+        if value[header] is not None:
+            _token(header, value[header])
+    debug, token = value["REPLICATED_DEBUG_HEADER"], value["REPLICATED_TOKEN_HEADER"]
+    if isinstance(debug, str) and isinstance(token, str) and debug.lower() == token.lower():
+        raise ConfigError(
+            "'REPLICATED_DEBUG_HEADER' and 'REPLICATED_TOKEN_HEADER' name the same header: "
+            "give them different names (or set one to None)."
+        )
     return ReplicatedConfig(
         primary_bind=primary_bind,
         replica_binds=replica_binds,
@@ -158,6 +169,9 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
         debug_header=None
         if value["REPLICATED_DEBUG_HEADER"] is None
         else _token("REPLICATED_DEBUG_HEADER", value["REPLICATED_DEBUG_HEADER"]),
+        token_header=None
+        if value["REPLICATED_TOKEN_HEADER"] is None
+        else _token("REPLICATED_TOKEN_HEADER", value["REPLICATED_TOKEN_HEADER"]),
     )
 
 

@@ -29,6 +29,7 @@ from .prober import TaskProber, ThreadProber
 from .rules import Decision, Reason, decide
 from .scope import Requests
 from .statements import StatementKind, classify_sql
+from .sticky import cluster_tag
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -130,6 +131,9 @@ class Router:
         )
         self._warned_late_commit = False
         self._install_guards()
+        if codec is not None and self.backend.has_positions:
+            for node in (primary, *self.replicas):
+                event.listen(node.engine, "connect", self._learn_cluster(node))
         _ROUTERS.add(self)
 
     # The cookie settings are read-only: what the request path keeps of them is
@@ -400,6 +404,31 @@ class Router:
             "is logged once.",
             view,
         )
+
+    def _learn_cluster(self, node: Node) -> Any:
+        # Tokens with a position are bound to the cluster: the first new connection to
+        # any of its servers tells which it is (one query, once per process). Before
+        # that, such tokens keep their clients on the primary.
+        backend = self.backends[node.name]
+
+        def learn(dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:
+            codec = self._codec
+            if codec is None or codec.cluster is not None:
+                return
+            try:
+                identifier = backend.read_cluster(dbapi_connection)
+            except Exception as error:
+                logger.warning(
+                    "Could not read which cluster '%s' belongs to (%s): tokens stay "
+                    "unbound, and their clients on the primary, until a connection can.",
+                    node.name,
+                    describe_error(error, self.health.secrets),
+                )
+                return
+            if identifier is not None:
+                codec.cluster = cluster_tag(identifier)
+
+        return learn
 
     def _remember_entry(self, node: Node) -> Any:
         def remember(dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:

@@ -14,7 +14,7 @@ from .cookie import CookieUpdate
 from .intent import forces_primary, scope_var
 from .nodes import Role
 from .rules import Decision, Reason, RequestFacts, decide
-from .sticky import StickyToken
+from .sticky import StickyToken, later
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -39,7 +39,7 @@ __all__ = ["RequestScope", "Requests"]
 
 logger = logging.getLogger("replicated")
 
-_TIME_TOKEN = StickyToken()
+_TIME_TOKEN = StickyToken()  # no position: the primary for the sticky time
 
 # Views times methods: far more than any app has.
 _MAX_FACTS = 4096
@@ -210,10 +210,12 @@ class Requests:
         """Whether a request with ``facts`` reads from replicas, so wants fresh health."""
         return facts.reads and self._health.probing
 
-    def begin(self, facts: RequestFacts, cookie: str | None) -> RequestScope:
+    def begin(
+        self, facts: RequestFacts, cookie: str | None, header: str | None = None
+    ) -> RequestScope:
         """Decide where the request reads and make that the current scope."""
         scope = RequestScope(self._owner)
-        self.settle(scope, facts, cookie)
+        self.settle(scope, facts, cookie, header)
         scope.token = scope_var.set(scope)
         return scope
 
@@ -230,16 +232,26 @@ class Requests:
         scope.token = scope_var.set(scope)
         return scope
 
-    def read_cookie(self, cookie: str | None) -> StickyToken | None:
-        """The valid sticky token in ``cookie``, or None; never raises."""
+    def read_token(self, cookie: str | None, header: str | None = None) -> StickyToken | None:
+        """The valid token of a request's sticky cookie or token header (the one that
+        asks more, when both came), or None; never raises."""
         codec = self._codec
-        if cookie is None or codec is None:
+        if codec is None:
             return None
-        return codec.loads(cookie, max_age=self._sticky_ttl)
+        sticky = None if cookie is None else codec.loads(cookie, self._sticky_ttl)
+        if header is not None:
+            sticky = later(sticky, codec.loads(header, self._sticky_ttl))
+        return sticky
 
-    def settle(self, scope: RequestScope, facts: RequestFacts, cookie: str | None) -> None:
-        """Make the decision of ``scope`` (opened by ``open``) from the request's facts
-        and its sticky cookie. The request is counted when it ends.
+    def settle(
+        self,
+        scope: RequestScope,
+        facts: RequestFacts,
+        cookie: str | None,
+        header: str | None = None,
+    ) -> None:
+        """Make the decision of ``scope`` (opened by ``open``) from the request's facts,
+        its sticky cookie and its token header. The request is counted when it ends.
 
         With a ``ThreadProber`` (Flask), the first request that reads starts it;
         async adapters start theirs before calling ``begin``.
@@ -251,9 +263,8 @@ class Requests:
                 prober.used = True  # keeps it from stopping for want of use
                 if not prober.running:
                     prober.ensure_started()
-            codec = self._codec
-            if cookie is not None and codec is not None:
-                sticky = codec.loads(cookie, self._sticky_ttl)
+            if cookie is not None or header is not None:
+                sticky = self.read_token(cookie, header)
         health = self._health
         views = health.stable_views or health.views()
         if sticky is not None and sticky.lsn is not None:

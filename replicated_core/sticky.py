@@ -1,6 +1,8 @@
-"""The sticky token: what it says (the primary's position or a time) and how it is
-signed, with the app's key and its fallbacks. How it travels is ``cookie``'s business;
-how a position is written into it, its backend's."""
+"""The consistency token: what it says (the primary's position, or only that its
+client wrote) and how it is signed, with the app's key and its fallbacks, bound to
+one cluster and one app. The same token travels in the sticky cookie, in a request
+or response header, and into jobs; how it travels is the adapters' and ``cookie``'s
+business, how a position is written into it its backend's."""
 
 from __future__ import annotations
 
@@ -28,9 +30,12 @@ __all__ = [
     "MAX_COOKIE_LENGTH",
     "StickyCodec",
     "StickyToken",
+    "cluster_tag",
+    "later",
+    "token_salt",
 ]
 
-# A real token is about 40 characters; anything much longer is not ours.
+# A real token is about 50 characters; anything much longer is not ours.
 MAX_COOKIE_LENGTH = 200
 # App servers behind one load balancer disagree on the time a little, and stamps are
 # whole seconds: a cookie stamped up to this far in the future is still honoured.
@@ -40,13 +45,17 @@ _CHECKED_VALUES = 256
 logger = logging.getLogger("replicated")
 
 KEY_MISMATCH_WARNING = (
-    "A sticky cookie came signed with a key this app does not have, so it was ignored "
-    "and its client may read from a replica that has not caught up with its write. "
-    "Most likely the app servers or their workers do not all have the same SECRET_KEY, "
-    "or SECRET_KEY was changed without keeping the old key in SECRET_KEY_FALLBACKS. "
-    "Give every server and worker the same SECRET_KEY, and list the keys it replaces "
-    "in SECRET_KEY_FALLBACKS. (Logged once.)"
+    "A consistency token (sticky cookie or token header) came signed with a key this "
+    "app does not have, so it was ignored and its client may read from a replica that "
+    "has not caught up with its write. Most likely the app servers or their workers do "
+    "not all have the same SECRET_KEY, or SECRET_KEY was changed without keeping the "
+    "old key in SECRET_KEY_FALLBACKS, or the token was made by another app (another "
+    "REPLICATED_COOKIE_NAME). Give every server and worker the same SECRET_KEY, and "
+    "list the keys it replaces in SECRET_KEY_FALLBACKS. (Logged once.)"
 )
+
+# What a token says of a cluster it was not bound to: nothing (a time-mode token).
+_NO_CLUSTER = b"-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +69,50 @@ class StickyToken:
     lsn: Position | None = None
 
 
-class StickyCodec:
-    """Signs and checks sticky cookies with the app's secret key.
+_TIME_TOKEN = StickyToken()
 
-    The value is ``<position, or "t">.<timestamp>.<signature>``, byte for byte
-    what itsdangerous's ``TimestampSigner(secret_key, salt=salt)`` makes (HMAC-SHA1
-    over a key derived once, URL-safe base64). It is written out here because the
-    library derives the key again and sets up a new HMAC on every call, which the
-    overhead benchmark measured at a good part of a sticky request's routing cost.
+
+def later(first: StickyToken | None, second: StickyToken | None) -> StickyToken | None:
+    """The token that asks more of the two (a request may carry a cookie and a
+    header): the later position, and a token without a position (the primary for the
+    sticky time) over any position."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    if first.lsn is None or second.lsn is None:
+        return _TIME_TOKEN
+    return first if first.lsn >= second.lsn else second
+
+
+def token_salt(cookie_name: str) -> str:
+    """The salt of an app's tokens: its cookie name binds them to it, so a token one
+    app made does not steer another that shares its secret key."""
+    return f"replicated.token.{cookie_name}"
+
+
+def cluster_tag(identifier: str) -> str:
+    """What a token carries of the cluster whose position it holds: 8 characters of a
+    hash of ``identifier`` (a backend's ``read_cluster``), not the identifier itself."""
+    digest = hashlib.sha256(b"replicated.cluster\0" + identifier.encode("utf-8")).digest()
+    return _encode(digest[:6]).decode("ascii")
+
+
+class StickyCodec:
+    """Signs and checks consistency tokens with the app's secret key.
+
+    The value is ``<cluster>.<position, or "t">.<timestamp>.<signature>``, byte for
+    byte what itsdangerous's ``TimestampSigner(secret_key, salt=salt)`` makes of the
+    first two parts (HMAC-SHA1 over a key derived once, URL-safe base64). It is
+    written out here because the library derives the key again and sets up a new
+    HMAC on every call, which the overhead benchmark measured at a good part of a
+    sticky request's routing cost.
+
+    ``cluster`` is ``cluster_tag()`` of the cluster the app's router serves, set by
+    the router once a connection has told it (None before). A token with a position
+    is bound to it: one from another cluster reads as no token, and while this
+    codec's cluster is not known yet, as a token without a position (the primary).
+    A token without a position carries ``-`` and holds on any cluster.
 
     ``secret_key`` signs; it and each of ``fallbacks`` (the app's
     ``SECRET_KEY_FALLBACKS``, older keys) check, as Flask's session does, so that a
@@ -83,7 +128,7 @@ class StickyCodec:
     def __init__(
         self,
         secret_key: str | bytes,
-        salt: str = "replicated.sticky",
+        salt: str = token_salt("replicated_sticky"),
         fallbacks: str | bytes | Iterable[str | bytes] | None = None,
         positions: Backend = TOKEN_POSITIONS,
     ) -> None:
@@ -104,11 +149,19 @@ class StickyCodec:
         # few hundred entries of under 200 characters: bounded, whatever clients send.
         self._check = functools.lru_cache(maxsize=_CHECKED_VALUES)(self._verify)
         self.positions = positions
+        self.cluster: str | None = None
 
     def dumps(self, token: StickyToken, now: int | None = None) -> str:
         """The cookie value for ``token``, stamped with ``now`` (whole seconds since
         the epoch; default: the current time)."""
-        payload = b"t" if token.lsn is None else self._positions.dump_position(token.lsn)
+        cluster = self.cluster
+        if token.lsn is None or cluster is None:
+            # Without a cluster to bind it to, a position would be ignored everywhere:
+            # the token then keeps its client on the primary for the sticky time.
+            payload = _NO_CLUSTER + b".t"
+        else:
+            position = self._positions.dump_position(token.lsn)
+            payload = cluster.encode("ascii") + b"." + position
         if now is None:
             now = int(time.time())
         last = self._last
@@ -126,7 +179,11 @@ class StickyCodec:
         checked = self._check(value)
         if checked is None:
             return None
-        signed_at, token = checked
+        signed_at, cluster, token = checked
+        if token.lsn is not None and cluster != self.cluster:
+            # Another cluster's position means nothing here; while ours is not known
+            # (no connection made yet), the primary is right for any position.
+            return _TIME_TOKEN if self.cluster is None else None
         # The stamp is in whole seconds, rounded down, so the age is counted in whole
         # seconds too: a cookie is honoured for at least max_age and less than one
         # second more (plus the skew allowed for a stamp from a host whose clock is
@@ -137,12 +194,13 @@ class StickyCodec:
             return None
         return token
 
-    def _verify(self, value: str) -> tuple[int, StickyToken] | None:
-        """The stamp and token of a cookie value signed with our key, else None."""
+    def _verify(self, value: str) -> tuple[int, str, StickyToken] | None:
+        """The stamp, cluster tag and token of a value signed with our key, else None."""
         try:
             raw = value.encode("utf-8")
             body, _, signature = raw.rpartition(b".")
-            payload, _, stamp = body.rpartition(b".")
+            head, _, stamp = body.rpartition(b".")
+            cluster, _, payload = head.partition(b".")
             if not self._signed_by_a_key(body, signature):
                 if self._shape.fullmatch(value):
                     self._warn_key_mismatch()
@@ -153,12 +211,13 @@ class StickyCodec:
         if len(stamp_bytes) > 8:
             return None
         signed_at = int.from_bytes(stamp_bytes, "big")
+        tag = cluster.decode("ascii")  # signed, so ours: ASCII
         if payload == b"t":
-            return signed_at, StickyToken()
+            return signed_at, tag, _TIME_TOKEN
         position = self._positions.load_position(payload)
-        if position is None:
+        if position is None or cluster == _NO_CLUSTER:
             return None
-        return signed_at, StickyToken(lsn=position)
+        return signed_at, tag, StickyToken(lsn=position)
 
     @property
     def positions(self) -> Backend:
@@ -168,12 +227,13 @@ class StickyCodec:
     @positions.setter
     def positions(self, backend: Backend) -> None:
         self._positions = backend
-        # What this codec makes: a position or "t", a stamp of up to 8 bytes and an
-        # HMAC-SHA1 (20 bytes), base64url without padding. Only a value of this shape
-        # whose signature no key matches is reported: anything else is not a sticky
-        # cookie at all.
+        # What this codec makes: a cluster tag (8 characters, or "-"), a position or
+        # "t", a stamp of up to 8 bytes and an HMAC-SHA1 (20 bytes), base64url without
+        # padding. Only a value of this shape whose signature no key matches is
+        # reported: anything else is not a token at all.
         self._shape = re.compile(
-            rf"(?:t|{backend.token_pattern})\.[A-Za-z0-9_-]{{2,11}}\.[A-Za-z0-9_-]{{27}}"
+            rf"(?:-|[A-Za-z0-9_-]{{8}})\.(?:t|{backend.token_pattern})"
+            r"\.[A-Za-z0-9_-]{2,11}\.[A-Za-z0-9_-]{27}"
         )
         self._check.cache_clear()  # values read with the previous backend's positions
 

@@ -8,22 +8,38 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from itsdangerous import TimestampSigner
 
-from replicated_core.sticky import CLOCK_SKEW, MAX_COOKIE_LENGTH, StickyCodec, StickyToken
+from replicated_core.sticky import (
+    CLOCK_SKEW,
+    MAX_COOKIE_LENGTH,
+    StickyCodec,
+    StickyToken,
+    cluster_tag,
+)
 
 SECRET = "test-secret-key"
-SALT = "replicated.sticky"
+SALT = "replicated.token.replicated_sticky"
+CLUSTER = cluster_tag("7715402930155626841")
 COOKIE = "replicated_sticky"
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
-def _signed(payload, secret=SECRET, stamp=None):
+def _signed(payload, secret=SECRET, stamp=None, cluster=CLUSTER):
+    """A token as itsdangerous signs it: "t" without a cluster, anything else with one."""
+
     class Signer(TimestampSigner):
         def get_timestamp(self):
             return int(time.time()) if stamp is None else stamp
 
-    return Signer(secret, salt=SALT).sign(payload).decode()
+    body = "-.t" if payload == "t" else f"{cluster}.{payload}"
+    return Signer(secret, salt=SALT).sign(body).decode()
+
+
+def _codec(secret_key=SECRET):
+    codec = StickyCodec(secret_key)
+    codec.cluster = CLUSTER  # as the router sets it, from its first connection
+    return codec
 
 
 payloads = st.text(max_size=40) | st.sampled_from(["t", "0", "ff", "f" * 16, "f" * 17, "-1"])
@@ -32,14 +48,14 @@ payloads = st.text(max_size=40) | st.sampled_from(["t", "0", "ff", "f" * 16, "f"
 @FUZZ
 @given(st.text(max_size=600) | st.binary(max_size=600).map(lambda b: b.decode("latin-1")))
 def test_random_values_never_raise_and_never_count(value):
-    assert StickyCodec(SECRET).loads(value, max_age=30) is None
+    assert _codec().loads(value, max_age=30) is None
 
 
 @FUZZ
 @given(payloads)
 def test_signed_payloads_of_any_shape_are_checked(payload):
     """Even correctly signed, only "t" or a WAL position in hex (64 bits) is a token."""
-    token = StickyCodec(SECRET).loads(_signed(payload), max_age=30)
+    token = _codec().loads(_signed(payload), max_age=30)
     hex_position = 0 < len(payload) <= 16 and set(payload) <= set("0123456789abcdef")
     if payload == "t":
         assert token == StickyToken()
@@ -53,7 +69,7 @@ def test_signed_payloads_of_any_shape_are_checked(payload):
 @given(st.integers(min_value=-(2**70), max_value=2**70))
 def test_absurd_positions_are_refused(lsn):
     payload = format(lsn, "x")
-    token = StickyCodec(SECRET).loads(_signed(payload), max_age=30)
+    token = _codec().loads(_signed(payload), max_age=30)
     assert (token is not None) == (0 <= lsn < 2**64)
 
 
@@ -67,7 +83,7 @@ def test_a_cookie_lives_no_longer_than_the_ttl(offset):
     stamp = now + offset
     if stamp < 0:
         return
-    token = StickyCodec(SECRET).loads(_signed("t", stamp=stamp), max_age=30)
+    token = _codec().loads(_signed("t", stamp=stamp), max_age=30)
     age = time.time() - stamp
     if token is not None:
         assert -CLOCK_SKEW <= age < 31
@@ -77,7 +93,7 @@ def test_a_cookie_lives_no_longer_than_the_ttl(offset):
 def test_a_cookie_lives_at_least_the_ttl(signed_within, read_after):
     """The stamp is in whole seconds: a cookie signed late in a second and read within
     the TTL is still honoured (else a writer could lose its stickiness at once)."""
-    codec = StickyCodec(SECRET)
+    codec = _codec()
     signed_at = 1_800_000_000 + signed_within
     with _clock(signed_at):
         value = codec.dumps(StickyToken())
@@ -102,12 +118,12 @@ class _clock:
 @FUZZ
 @given(payloads)
 def test_another_apps_key_is_never_accepted(payload):
-    assert StickyCodec(SECRET).loads(_signed(payload, secret="another-app"), max_age=30) is None
+    assert _codec().loads(_signed(payload, secret="another-app"), max_age=30) is None
 
 
 def test_oversized_values_are_not_even_verified():
     valid = _signed("t")
-    assert StickyCodec(SECRET).loads(valid + "=" * MAX_COOKIE_LENGTH, max_age=30) is None
+    assert _codec().loads(valid + "=" * MAX_COOKIE_LENGTH, max_age=30) is None
 
 
 cookie_headers = st.lists(

@@ -147,6 +147,7 @@ def test_settle_decides_as_decide_does(requests, stable):
     answers what ``decide()`` answers for the views of that moment."""
     config = load_config({"REPLICATED_STICKY_MODE": "wal"})
     router = Router(config, PRIMARY, [R1, R2], StickyCodec(SECRET))
+    router.codec.cluster = "a-cluster"  # tokens with positions are bound to one
     health = _Health()
     router.requests._health = health
     picks = []

@@ -10,18 +10,20 @@ import logging
 import pytest
 from itsdangerous import BadSignature, TimestampSigner
 
-from replicated_core.sticky import StickyCodec, StickyToken
+from replicated_core.sticky import StickyCodec, StickyToken, cluster_tag
 
 COOKIE = "replicated_sticky"
-SALT = "replicated.sticky"
+SALT = "replicated.token.replicated_sticky"
+CLUSTER = cluster_tag("7715402930155626841")
 
 KEY_MISMATCH_WARNING = (
-    "A sticky cookie came signed with a key this app does not have, so it was ignored "
-    "and its client may read from a replica that has not caught up with its write. "
-    "Most likely the app servers or their workers do not all have the same SECRET_KEY, "
-    "or SECRET_KEY was changed without keeping the old key in SECRET_KEY_FALLBACKS. "
-    "Give every server and worker the same SECRET_KEY, and list the keys it replaces "
-    "in SECRET_KEY_FALLBACKS. (Logged once.)"
+    "A consistency token (sticky cookie or token header) came signed with a key this "
+    "app does not have, so it was ignored and its client may read from a replica that "
+    "has not caught up with its write. Most likely the app servers or their workers do "
+    "not all have the same SECRET_KEY, or SECRET_KEY was changed without keeping the "
+    "old key in SECRET_KEY_FALLBACKS, or the token was made by another app (another "
+    "REPLICATED_COOKIE_NAME). Give every server and worker the same SECRET_KEY, and "
+    "list the keys it replaces in SECRET_KEY_FALLBACKS. (Logged once.)"
 )
 
 # Not of our shape: ignored without a word, whoever sent them.
@@ -38,7 +40,15 @@ GARBLED = [
 
 
 def _signed(payload, secret):
-    return TimestampSigner(secret, salt=SALT).sign(payload).decode()
+    """A token as itsdangerous signs it: "t" without a cluster, a position with ours."""
+    body = "-.t" if payload == "t" else f"{CLUSTER}.{payload}"
+    return TimestampSigner(secret, salt=SALT).sign(body).decode()
+
+
+def _codec(secret_key, **options):
+    codec = StickyCodec(secret_key, **options)
+    codec.cluster = CLUSTER  # as the router sets it, from its first connection
+    return codec
 
 
 def _jar_value(client):
@@ -56,7 +66,7 @@ def _warnings(caplog):
 
 @pytest.mark.parametrize("payload", ["t", "16b3748"])
 def test_a_cookie_signed_with_a_fallback_key_is_honoured(payload):
-    codec = StickyCodec("new-key", fallbacks=["older-key", "old-key"])
+    codec = _codec("new-key", fallbacks=["older-key", "old-key"])
     expected = StickyToken() if payload == "t" else StickyToken(int(payload, 16))
     for secret in ("new-key", "old-key", "older-key"):
         assert codec.loads(_signed(payload, secret), max_age=30) == expected
@@ -64,20 +74,20 @@ def test_a_cookie_signed_with_a_fallback_key_is_honoured(payload):
 
 
 def test_new_cookies_are_signed_with_the_current_key_only():
-    value = StickyCodec("new-key", fallbacks=["old-key"]).dumps(StickyToken(0x16B3748))
-    assert TimestampSigner("new-key", salt=SALT).unsign(value) == b"16b3748"
+    value = _codec("new-key", fallbacks=["old-key"]).dumps(StickyToken(0x16B3748))
+    assert TimestampSigner("new-key", salt=SALT).unsign(value) == f"{CLUSTER}.16b3748".encode()
     with pytest.raises(BadSignature):
         TimestampSigner("old-key", salt=SALT).unsign(value)
 
 
 def test_a_single_fallback_key_given_as_a_string_is_one_key():
-    codec = StickyCodec("new-key", fallbacks="old-key")
+    codec = _codec("new-key", fallbacks="old-key")
     assert codec.loads(_signed("t", "old-key"), max_age=30) == StickyToken()
     assert codec.loads(_signed("t", "o"), max_age=30) is None
 
 
 def test_a_key_mismatch_is_reported_once(caplog):
-    codec = StickyCodec("this-servers-key")
+    codec = _codec("this-servers-key")
     with caplog.at_level(logging.WARNING, logger="replicated"):
         assert codec.loads(_signed("t", "another-servers-key"), max_age=30) is None
         assert codec.loads(_signed("ff", "a-third-key"), max_age=30) is None
@@ -86,14 +96,14 @@ def test_a_key_mismatch_is_reported_once(caplog):
 
 @pytest.mark.parametrize("value", GARBLED)
 def test_a_garbled_value_is_ignored_silently(caplog, value):
-    codec = StickyCodec("this-servers-key")
+    codec = _codec("this-servers-key")
     with caplog.at_level(logging.DEBUG, logger="replicated"):
         assert codec.loads(value, max_age=30) is None
     assert _warnings(caplog) == []
 
 
 def test_a_value_signed_right_but_not_a_token_is_ignored_silently(caplog):
-    codec = StickyCodec("this-servers-key")
+    codec = _codec("this-servers-key")
     with caplog.at_level(logging.DEBUG, logger="replicated"):
         assert codec.loads(_signed("not-a-position", "this-servers-key"), max_age=30) is None
     assert _warnings(caplog) == []
@@ -114,7 +124,7 @@ def test_flask_a_rotation_keeps_writers_on_the_primary(flask_app_factory, caplog
         assert client.get("/who").text == "primary"
         client.post("/items", data={"name": "after the rotation"})
     value = client.get_cookie(COOKIE).value
-    assert TimestampSigner("new-key", salt=SALT).unsign(value) == b"t"
+    assert TimestampSigner("new-key", salt=SALT).unsign(value) == b"-.t"
     assert client.get("/who").text == "primary"
     assert _warnings(caplog) == []
 
@@ -134,7 +144,7 @@ async def test_quart_a_rotation_keeps_writers_on_the_primary(quart_app_factory, 
         value = _jar_value(client)
         second = await (await client.get("/who")).get_data(as_text=True)
     assert (first, second) == ("primary", "primary")
-    assert TimestampSigner("new-key", salt=SALT).unsign(value) == b"t"
+    assert TimestampSigner("new-key", salt=SALT).unsign(value) == b"-.t"
     assert _warnings(caplog) == []
 
 

@@ -17,6 +17,10 @@ __all__ = ["PostgreSQL", "format_lsn", "parse_lsn"]
 # balancer records the same one.
 PRIMARY_POSITION_SQL = "SELECT pg_current_wal_insert_lsn()::text"
 
+# The cluster's identity, made by initdb and copied to every replica by its base
+# backup; another cluster (staging, a restored copy) has another. Any role may read it.
+CLUSTER_SQL = "SELECT system_identifier::text FROM pg_control_system()"
+
 # For the status command: is the primary really a primary, and how far has it flushed
 # its WAL. The flush position, not the insert position the sticky cookie uses: right
 # after a WAL page or segment boundary the insert position points past the new page's
@@ -77,6 +81,33 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _scalar(dbapi_connection: Any, sql: str) -> object:
+    """The first column of ``sql``'s first row, read in autocommit.
+
+    One round trip, and no transaction left open (psycopg, psycopg2 and SQLAlchemy's
+    asyncpg adaptation all have ``autocommit``). Inside an open transaction, which
+    psycopg will not switch, it runs in that transaction: the pool rolls it back next.
+    """
+    switched = False
+    if not dbapi_connection.autocommit:
+        try:
+            dbapi_connection.autocommit = True
+            switched = True
+        except Exception:
+            pass  # in a transaction
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(sql)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+    finally:
+        if switched:
+            dbapi_connection.autocommit = False
+    return row[0] if row else None
+
+
 class PostgreSQL:
     """The PostgreSQL backend: psycopg, psycopg2 and asyncpg."""
 
@@ -93,31 +124,12 @@ class PostgreSQL:
         return _XID_SQL if (server_version or (0,)) >= (13,) else _TXID_SQL
 
     def read_primary_position(self, dbapi_connection: Any) -> int | None:
-        """The WAL insert position, read in autocommit.
+        """The WAL insert position (see ``_scalar``)."""
+        return parse_lsn(_text(_scalar(dbapi_connection, PRIMARY_POSITION_SQL)))
 
-        One round trip, and no transaction left open (psycopg, psycopg2 and
-        SQLAlchemy's asyncpg adaptation all have ``autocommit``). Inside an open
-        transaction, which psycopg will not switch, it runs in that transaction: the
-        pool rolls it back next.
-        """
-        switched = False
-        if not dbapi_connection.autocommit:
-            try:
-                dbapi_connection.autocommit = True
-                switched = True
-            except Exception:
-                pass  # in a transaction
-        try:
-            cursor = dbapi_connection.cursor()
-            try:
-                cursor.execute(PRIMARY_POSITION_SQL)
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
-        finally:
-            if switched:
-                dbapi_connection.autocommit = False
-        return parse_lsn(_text(row[0]) if row else None)
+    def read_cluster(self, dbapi_connection: Any) -> str | None:
+        """The system identifier (see ``_scalar``)."""
+        return _text(_scalar(dbapi_connection, CLUSTER_SQL))
 
     def primary_status(self, row: tuple[object, ...]) -> tuple[bool | None, int | None]:
         """``pg_is_in_recovery()`` and the flush position."""

@@ -84,6 +84,12 @@ class Backend(Protocol):
         (a DBAPI connection on its way back to the pool), leaving no transaction open."""
         ...
 
+    def read_cluster(self, dbapi_connection: Any) -> str | None:
+        """What identifies the cluster ``dbapi_connection`` (a new DBAPI connection to
+        any of its servers) belongs to, the same on the primary and its replicas;
+        None where there is no such thing. Leaves no transaction open."""
+        ...
+
     def primary_status(self, row: tuple[object, ...]) -> tuple[bool | None, Position | None]:
         """From a row of ``primary_status_sql``: whether the server is in recovery
         (None: cannot tell) and the position every replica must reach to be caught up."""

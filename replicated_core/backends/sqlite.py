@@ -37,6 +37,10 @@ class NoPositions:
         """None: there is no position to read."""
         return
 
+    def read_cluster(self, dbapi_connection: Any) -> None:
+        """None: nothing names a set of SQLite files."""
+        return
+
     def primary_status(self, row: tuple[object, ...]) -> tuple[bool | None, None]:
         """Nothing is known beyond that the server answered."""
         return None, None
