@@ -1,0 +1,210 @@
+"""The consistency token in a header, for clients without cookies, and what binds a
+token to its cluster and its app; on the real cluster, in both adapters. The only
+replica is the one with an apply delay, so a client that is not sticky misses its
+write there."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import dispose_flask_app, make_flask_app, make_quart_app, text_of
+
+from replicated_core.config import ConfigError, load_config
+from replicated_core.sticky import StickyCodec, StickyToken, cluster_tag, token_salt
+
+TOKEN = "Replicated-Token"
+COOKIE = "replicated_sticky"
+FAR = StickyToken(2**62)  # a position no replica has replayed
+NEAR = StickyToken(1)  # one every replica has
+
+
+@pytest.fixture
+def flask_app(postgresql_backend):
+    app = make_flask_app(postgresql_backend, replica="lagging")
+    yield app
+    dispose_flask_app(app)
+
+
+@pytest.fixture
+async def quart_app(postgresql_backend):
+    app = make_quart_app(postgresql_backend, replica="lagging")
+    yield app
+    await app.rep.dispose(app)
+
+
+def _router(app):
+    return app.extensions["replicated"].router(app)
+
+
+def _forged(app, token, cluster=None, cookie_name=COOKIE):
+    """A token signed with the app's key, as another server of it would make one."""
+    codec = StickyCodec(app.secret_key, salt=token_salt(cookie_name))
+    codec.cluster = cluster or _router(app).codec.cluster
+    return codec.dumps(token)
+
+
+def _system_identifier(backend, label):
+    engine = sa.create_engine(backend.url(label))
+    try:
+        with engine.connect() as conn:
+            return conn.execute(
+                sa.text("SELECT system_identifier::text FROM pg_control_system()")
+            ).scalar()
+    finally:
+        engine.dispose()
+
+
+# -- Flask ---------------------------------------------------------------------
+
+
+def test_flask_a_write_answers_with_the_token_in_a_header_and_the_cookie(flask_app):
+    client = flask_app.test_client()
+    response = client.post("/items", data={"name": f"header-{time.time()}"})
+    assert response.headers[TOKEN] == client.get_cookie(COOKIE).value
+    assert TOKEN not in client.get("/who").headers
+
+
+def test_flask_a_client_without_cookies_reads_its_write_with_the_header(flask_app):
+    client = flask_app.test_client(use_cookies=False)
+    name = f"api-{time.time()}"
+    token = client.post("/items", data={"name": name}).headers[TOKEN]
+    with_token = client.get("/items", headers={TOKEN: token}).json
+    without = client.get("/items").json
+    assert (with_token["node"], name in with_token["names"]) == ("primary", True)
+    # Not sticky: the delayed replica, which has not replayed the write yet.
+    assert (without["node"], name in without["names"]) == ("lagging", False)
+
+
+def test_flask_the_token_is_bound_to_the_cluster(flask_app, postgresql_backend):
+    client = flask_app.test_client(use_cookies=False)
+    assert client.get("/who").text == "lagging"  # connections made: the cluster is known
+    identifier = _system_identifier(postgresql_backend, "primary")
+    assert identifier == _system_identifier(postgresql_backend, "lagging")
+    assert _router(flask_app).codec.cluster == cluster_tag(identifier)
+    ours = _forged(flask_app, FAR)
+    theirs = _forged(flask_app, FAR, cluster=cluster_tag("another cluster"))
+    assert client.get("/who", headers={TOKEN: ours}).text == "primary"
+    assert client.get("/who", headers={TOKEN: theirs}).text == "lagging"
+
+
+def test_flask_the_token_is_bound_to_the_app(flask_app):
+    client = flask_app.test_client(use_cookies=False)
+    assert client.get("/who").text == "lagging"
+    other_app = _forged(flask_app, FAR, cookie_name="another_app")
+    assert client.get("/who", headers={TOKEN: other_app}).text == "lagging"
+    assert client.get("/who", headers={TOKEN: _forged(flask_app, FAR)}).text == "primary"
+
+
+@pytest.mark.parametrize(("cookie", "header"), [(NEAR, FAR), (FAR, NEAR), (NEAR, NEAR)])
+def test_flask_with_a_cookie_and_a_header_the_later_position_wins(flask_app, cookie, header):
+    client = flask_app.test_client()
+    assert client.get("/who").text == "lagging"
+    client.set_cookie(COOKIE, _forged(flask_app, cookie))
+    expected = "primary" if FAR in (cookie, header) else "lagging"
+    assert client.get("/who", headers={TOKEN: _forged(flask_app, header)}).text == expected
+
+
+def test_flask_the_header_can_be_renamed_or_turned_off(postgresql_backend):
+    renamed = make_flask_app(postgresql_backend, replica="lagging", REPLICATED_TOKEN_HEADER="X-Rw")
+    off = make_flask_app(postgresql_backend, replica="lagging", REPLICATED_TOKEN_HEADER=None)
+    try:
+        response = renamed.test_client().post("/items", data={"name": "renamed"})
+        assert "X-Rw" in response.headers
+        assert TOKEN not in response.headers
+        client = off.test_client(use_cookies=False)
+        response = client.post("/items", data={"name": "off"})
+        assert TOKEN not in response.headers
+        assert "Set-Cookie" in response.headers
+        token = _forged(off, FAR)
+        assert client.get("/who", headers={TOKEN: token}).text == "lagging"
+    finally:
+        dispose_flask_app(renamed)
+        dispose_flask_app(off)
+
+
+header_values = st.text(
+    alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=300
+) | st.sampled_from(["-.t.Z0X1YQ.YmFkc2lnbmF0dXJlYmFkc2lnbmF0dXJlYQ", "a.b.c.d", "...."])
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(value=header_values)
+def test_flask_answers_every_token_header(flask_app, value):
+    response = flask_app.test_client(use_cookies=False).get("/who", headers={TOKEN: value})
+    assert (response.status_code, response.text) == (200, "lagging")
+
+
+# -- Quart ---------------------------------------------------------------------
+
+
+async def test_quart_a_client_without_cookies_reads_its_write_with_the_header(quart_app):
+    name = f"quart-api-{time.time()}"
+    async with quart_app.test_app():
+        client = quart_app.test_client()
+        posted = await client.post("/items", form={"name": name})
+        token = posted.headers[TOKEN]
+        (jar_value,) = [c.value for c in client.cookie_jar if c.name == COOKIE]
+        bare = quart_app.test_client()  # another client: no cookie jar shared
+        with_token = await (await bare.get("/items", headers={TOKEN: token})).get_json()
+        without = await (await bare.get("/items")).get_json()
+    assert token == jar_value
+    assert (with_token["node"], name in with_token["names"]) == ("primary", True)
+    assert (without["node"], name in without["names"]) == ("lagging", False)
+
+
+async def test_quart_the_token_is_bound_to_the_cluster_and_the_app(quart_app):
+    async with quart_app.test_app():
+        client = quart_app.test_client()
+        assert await text_of(await client.get("/who")) == "lagging"
+        answers = [
+            await text_of(await client.get("/who", headers={TOKEN: token}))
+            for token in (
+                _forged(quart_app, FAR),
+                _forged(quart_app, FAR, cluster=cluster_tag("another cluster")),
+                _forged(quart_app, FAR, cookie_name="another_app"),
+                "garbage",
+            )
+        ]
+    assert answers == ["primary", "lagging", "lagging", "lagging"]
+
+
+async def test_quart_the_header_can_be_turned_off(postgresql_backend):
+    app = make_quart_app(postgresql_backend, replica="lagging", REPLICATED_TOKEN_HEADER=None)
+    try:
+        async with app.test_app():
+            client = app.test_client()
+            response = await client.post("/items", form={"name": "quart-off"})
+            other = app.test_client()
+            answer = await text_of(await other.get("/who", headers={TOKEN: _forged(app, FAR)}))
+        assert TOKEN not in response.headers
+        assert "Set-Cookie" in response.headers
+        assert answer == "lagging"
+    finally:
+        await app.rep.dispose(app)
+
+
+# -- config --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["", "Two Words", "Token:", 42])
+def test_a_bad_token_header_name_fails_naming_the_key(value):
+    with pytest.raises(ConfigError, match="'REPLICATED_TOKEN_HEADER'"):
+        load_config({"REPLICATED_TOKEN_HEADER": value})
+
+
+def test_the_token_header_and_the_debug_header_must_differ():
+    with pytest.raises(
+        ConfigError, match="'REPLICATED_DEBUG_HEADER' and 'REPLICATED_TOKEN_HEADER'"
+    ):
+        load_config({"REPLICATED_DEBUG_HEADER": "replicated-token"})
+
+
+def test_the_token_header_defaults_to_replicated_token():
+    assert load_config({}).token_header == TOKEN
+    assert load_config({"REPLICATED_TOKEN_HEADER": None}).token_header is None
