@@ -118,6 +118,22 @@ class FlaskReplicated:
         """Per-process counters of ``app`` (default: the current app), by name."""
         return self.router(app).metrics()
 
+    def consistency_token(self, app: Flask | None = None) -> str:
+        """A token that covers everything committed so far, for a job to read with
+        ``use_replica(after=token)``: inside a request that wrote, its writes (the
+        position read as its commit's connection went back to the pool); otherwise
+        the primary's current position, read on a pooled connection (one round trip).
+        Where positions cannot be read (SQLite), a token that keeps its holder on the
+        primary for the sticky time. Needs SECRET_KEY."""
+        router = self.router(app)
+        scope = router.requests.scope()
+        position = scope.position if scope is not None else None
+        if position is None and router.backend.has_positions:
+            with router.primary.engine.connect() as conn:
+                raw = conn.connection.dbapi_connection
+                position = router.backend.read_primary_position(raw)
+        return router.token_for(position)
+
     def status(self, app: Flask | None = None) -> ClusterStatus:
         """Ask every node how it is (one query each); what ``flask replicated status`` shows."""
         router = self.router(app)

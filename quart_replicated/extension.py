@@ -198,6 +198,24 @@ class QuartReplicated:
         """Per-process counters of ``app`` (default: the current app), by name."""
         return self.router(app).metrics()
 
+    async def consistency_token(self, app: Quart | None = None) -> str:
+        """A token that covers everything committed so far, for a job to read with
+        ``use_replica(after=token)``: inside a request that wrote, its writes; otherwise
+        the primary's current position, read on a pooled connection (one round trip).
+        Where positions cannot be read (SQLite), a token that keeps its holder on the
+        primary for the sticky time. Needs SECRET_KEY."""
+        state = self._state(app)
+        router = state.router
+        scope = router.requests.scope()
+        position = scope.position if scope is not None else None
+        if position is None and router.backend.has_positions:
+            backend = router.backend
+            async with state.by_node[router.primary.name].connect() as conn:
+                position = await conn.run_sync(
+                    lambda sync: backend.read_primary_position(sync.connection.dbapi_connection)
+                )
+        return router.token_for(position)
+
     async def status(self, app: Quart | None = None) -> ClusterStatus:
         """Ask every node how it is (one query each); what ``quart replicated status`` shows."""
         state = self._state(app)

@@ -58,6 +58,8 @@ class Override:
     intent: Intent
     node: Node | None = field(default=None)
     token: Token[Override | None] | None = field(default=None, repr=False)
+    # ``use_replica(after=...)``: a consistency token the replica must have replayed.
+    after: str | None = field(default=None, repr=False)
 
 
 _override: ContextVar[Override | None] = ContextVar("replicated_override", default=None)
@@ -83,13 +85,14 @@ def current_scope() -> RequestScope | None:
 class _IntentBlock:
     """A context manager that is also a decorator for sync and async functions."""
 
-    __slots__ = ("_intent",)
+    __slots__ = ("_after", "_intent")
 
-    def __init__(self, intent: Intent) -> None:
+    def __init__(self, intent: Intent, after: str | None = None) -> None:
         self._intent = intent
+        self._after = after
 
     def __enter__(self) -> None:
-        override = Override(self._intent)
+        override = Override(self._intent, after=self._after)
         override.token = _override.set(override)
 
     def __exit__(
@@ -111,10 +114,12 @@ class _IntentBlock:
     @overload
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, func: Callable[P, Any]) -> Callable[P, Any]:
-        return _wrap(func, self._intent, f"@use_{self._intent.value}()")
+        return _wrap(func, self._intent, f"@use_{self._intent.value}()", self._after)
 
 
-def _wrap(func: Callable[P, Any], intent: Intent, decorator: str) -> Callable[P, Any]:
+def _wrap(
+    func: Callable[P, Any], intent: Intent, decorator: str, after: str | None = None
+) -> Callable[P, Any]:
     # A fresh Override per call: a decorated coroutine may run in many tasks at once,
     # so the token must live in the call's frame, not on a shared object.
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
@@ -130,7 +135,7 @@ def _wrap(func: Callable[P, Any], intent: Intent, decorator: str) -> Callable[P,
 
         @functools.wraps(func)
         async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            token = _override.set(Override(intent))
+            token = _override.set(Override(intent, after=after))
             try:
                 return await coro_func(*args, **kwargs)
             finally:
@@ -140,7 +145,7 @@ def _wrap(func: Callable[P, Any], intent: Intent, decorator: str) -> Callable[P,
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-        token = _override.set(Override(intent))
+        token = _override.set(Override(intent, after=after))
         try:
             return func(*args, **kwargs)
         finally:
@@ -159,13 +164,24 @@ def use_primary() -> _IntentBlock:
     return _IntentBlock(Intent.PRIMARY)
 
 
-def use_replica() -> _IntentBlock:
+def use_replica(*, after: str | None = None) -> _IntentBlock:
     """Send every statement inside the block (or decorated function) to a replica.
 
     One replica serves the whole block. A write inside it raises ``ReplicaWriteError``.
     When no replica is usable, the primary serves the reads.
+
+    ``after`` is a consistency token (``rep.consistency_token()``, handed to a job by
+    the request that wrote): the block then reads from a replica that has replayed
+    its position, else from the primary. A token that does not check (another key,
+    cluster or app, garbled) also sends the block to the primary: never an error,
+    never a stale read. A token with a position holds whatever its age.
     """
-    return _IntentBlock(Intent.REPLICA)
+    if after is not None and not isinstance(after, str):
+        raise TypeError(
+            "use_replica(after=...) takes the str of a consistency token, got "
+            f"{type(after).__name__}."
+        )
+    return _IntentBlock(Intent.REPLICA, after)
 
 
 @overload

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import socket
@@ -29,7 +30,7 @@ from .prober import TaskProber, ThreadProber
 from .rules import Decision, Reason, decide
 from .scope import Requests
 from .statements import StatementKind, classify_sql
-from .sticky import cluster_tag
+from .sticky import StickyToken, cluster_tag
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.pool import ConnectionPoolEntry
 
+    from .backends import Position
     from .scope import RequestScope
     from .sticky import StickyCodec
 
@@ -262,7 +264,10 @@ class Router:
                 scope.decision = Decision(self.primary, Reason.PINNED)
             return self.primary
         if override.node is None:
-            override.node = self._replica_for_block(scope)
+            if override.after is not None:
+                override.node = self._replica_after(override.after, scope)
+            else:
+                override.node = self._replica_for_block(scope)
         return override.node
 
     # -- replicas ----------------------------------------------------------------
@@ -301,6 +306,38 @@ class Router:
         # Random rather than round-robin: no counter shared between threads, and many
         # worker processes spread evenly without coordinating.
         return choices[0] if len(choices) == 1 else self._random.choice(choices)
+
+    def token_for(self, position: Position | None) -> str:
+        """A consistency token for ``position`` (the primary's, after the writes it must
+        cover; None: only that its holder wrote, for the sticky time)."""
+        codec = self._codec
+        if codec is None:
+            raise RuntimeError(
+                "A consistency token needs SECRET_KEY to be signed: set SECRET_KEY (the "
+                "same on every server and worker)."
+            )
+        return codec.dumps(StickyToken(position))
+
+    def _replica_after(self, value: str, scope: RequestScope | None) -> Node:
+        # use_replica(after=token): a replica that has replayed the token's position.
+        codec = self._codec
+        token = None if codec is None else codec.loads(value, math.inf)
+        if token is None:
+            return self.primary  # a token that does not check: the safe choice
+        if token.lsn is None:
+            # Only "its holder wrote": the primary for the sticky time, as a cookie.
+            fresh = codec is not None and codec.loads(value, self._sticky_ttl) is not None
+            return self.primary if fresh else self._replica_for_block(scope)
+        prober = self._prober
+        if scope is None and prober is not None:
+            prober.ensure_started()  # a job may be the first reader of the process
+        lsn = token.lsn
+        caught_up = [
+            view.node
+            for view in self.health.views()
+            if view.usable and view.replay_lsn is not None and view.replay_lsn >= lsn
+        ]
+        return self._choose(caught_up) if caught_up else self.primary
 
     def _replica_for_block(self, scope: RequestScope | None) -> Node:
         if scope is not None and scope.decision.node.role is Role.REPLICA:

@@ -208,3 +208,95 @@ def test_the_token_header_and_the_debug_header_must_differ():
 def test_the_token_header_defaults_to_replicated_token():
     assert load_config({}).token_header == TOKEN
     assert load_config({"REPLICATED_TOKEN_HEADER": None}).token_header is None
+
+
+# -- jobs: rep.consistency_token() and use_replica(after=token) ---------------------
+
+
+def _wait_until_replayed(app, who, deadline=10.0):
+    """Poll until the delayed replica serves the latest write (bounded)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if who():
+            return
+        time.sleep(0.02)
+    raise AssertionError("the delayed replica never caught up")
+
+
+def test_flask_a_job_reads_what_its_request_wrote(flask_app):
+    from flask_replicated import use_replica
+
+    db, item, backend = flask_app.db, flask_app.Item, flask_app.backend
+    rep = flask_app.extensions["replicated"]
+
+    @flask_app.post("/order")
+    def order():
+        db.session.add(item(name=request_name()))
+        db.session.commit()
+        return rep.consistency_token()
+
+    def request_name():
+        from flask import request
+
+        return request.form["name"]
+
+    def job(token):
+        with flask_app.app_context(), use_replica(after=token):
+            names = db.session.scalars(sa.select(item.name)).all()
+            return backend.who(db.session), names
+
+    name = f"job-{time.time()}"
+    token = flask_app.test_client().post("/order", data={"name": name}).text
+    node, names = job(token)
+    assert (node, name in names) == ("primary", True)
+    with flask_app.app_context(), use_replica():
+        assert name not in db.session.scalars(sa.select(item.name)).all()  # it lags
+    _wait_until_replayed(flask_app, lambda: job(token)[0] == "lagging")
+    node, names = job(token)
+    assert (node, name in names) == ("lagging", True)
+    assert job("not a token")[0] == "primary"
+    assert job(_forged(flask_app, FAR, cluster=cluster_tag("another cluster")))[0] == "primary"
+
+
+def test_flask_a_token_outside_a_request_covers_everything_committed(flask_app):
+    from flask_replicated import use_replica
+
+    db, item, backend = flask_app.db, flask_app.Item, flask_app.backend
+    rep = flask_app.extensions["replicated"]
+    name = f"outside-{time.time()}"
+    with flask_app.app_context():
+        db.session.add(item(name=name))
+        db.session.commit()
+        token = rep.consistency_token()
+    with flask_app.app_context(), use_replica(after=token):
+        assert backend.who(db.session) == "primary"
+        assert name in db.session.scalars(sa.select(item.name)).all()
+
+
+def test_use_replica_takes_a_token_as_a_str():
+    from replicated_core import use_replica
+
+    with pytest.raises(TypeError, match="after="):
+        use_replica(after=b"bytes")
+
+
+async def test_quart_a_job_reads_what_was_committed(quart_app):
+    from quart_replicated import use_replica
+
+    rep, item = quart_app.rep, quart_app.Item
+    name = f"quart-job-{time.time()}"
+
+    async def job(token):
+        async with quart_app.app_context():
+            with use_replica(after=token):
+                names = (await rep.session.scalars(sa.select(item.name))).all()
+                return await quart_app.who(), list(names)
+
+    async with quart_app.test_app():
+        async with quart_app.app_context():
+            rep.session.add(item(name=name))
+            await rep.session.commit()
+            token = await rep.consistency_token()
+        node, names = await job(token)
+        assert (node, name in names) == ("primary", True)
+        assert (await job("garbage"))[0] == "primary"
