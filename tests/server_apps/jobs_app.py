@@ -85,8 +85,9 @@ def _read(order_id: int) -> dict[str, Any]:
     port, in_recovery = db.session.execute(sa.text(WHO_SQL)).one()
     with delayed.connect() as conn:
         delayed_had_row = (
-            conn.execute(sa.text("SELECT 1 FROM job_orders WHERE id = :id"), {"id": order_id})
-            .scalar()
+            conn.execute(
+                sa.text("SELECT 1 FROM job_orders WHERE id = :id"), {"id": order_id}
+            ).scalar()
             is not None
         )
     return {
