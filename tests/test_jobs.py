@@ -53,7 +53,7 @@ def site(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         )
     pg_cluster.wait_for_replay(include_delayed=True)
     folder = tmp_path_factory.mktemp("jobs")
-    for name in ("queue", "processed", "results"):
+    for name in ("queue", "processed", "results", "control"):
         (folder / name).mkdir()
     ready_file = folder / "worker.ready"
     backend = pg_backend(pg_cluster)
@@ -67,6 +67,7 @@ def site(pg_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             "queue": str(folder / "queue"),
             "processed": str(folder / "processed"),
             "results": str(folder / "results"),
+            "control": str(folder / "control"),
             "ready_file": str(ready_file),
         },
     }

@@ -59,6 +59,8 @@ celery.conf.update(
         "data_folder_in": jobs["queue"],
         "data_folder_out": jobs["queue"],
         "processed_folder": jobs["processed"],
+        # Else kombu makes a "control" folder in the working directory (the repository).
+        "control_folder": jobs["control"],
         # The transport polls its folder: once a second by default, by when the delayed
         # replica has caught up and a stale read could no longer show.
         "polling_interval": 0.02,
