@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,3 +239,109 @@ def make_quart_app(backend: Backend, replica: str | list[str] = "replica", **con
 async def text_of(response: Any) -> str:
     data: str = await response.get_data(as_text=True)
     return data
+
+
+# -- server processes ---------------------------------------------------------------
+
+
+def listening_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A loopback socket on a free port, already listening: a server inherits it
+    (gunicorn's ``--bind fd://N``), so no other process can take the port in between."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    sock.listen(128)
+    return sock
+
+
+def group_members(group: int) -> list[int]:
+    """The live (not zombie) processes of the process group ``group``, from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:
+            continue
+        # Fields resume after the command name's last ")": state, ppid, pgrp, ...
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == group:
+            members.append(int(entry))
+    return members
+
+
+def wait_for_group_exit(group: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while group_members(group):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@dataclass
+class ServerProcess:
+    """A server run in a process group of its own, its output in a log file.
+
+    ``redact`` hides secrets (the cluster's password) in what the log shows.
+    """
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    redact: Callable[[str], str] = lambda text: text
+
+    @classmethod
+    def start(
+        cls,
+        name: str,
+        command: Sequence[str],
+        *,
+        cwd: Path,
+        env: dict[str, str],
+        log_path: Path,
+        pass_fds: Sequence[int] = (),
+        redact: Callable[[str], str] = lambda text: text,
+    ) -> ServerProcess:
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                pass_fds=pass_fds,
+            )
+        return cls(name, process, log_path, redact)
+
+    def log(self) -> str:
+        return self.redact(self.log_path.read_text(errors="replace"))
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def check_running(self) -> None:
+        """Raise, with the log's tail, if the server has exited."""
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"The server '{self.name}' exited with status {self.process.returncode};"
+                f" its log says:\n{self.log_tail()}"
+            )
+
+    def stop(self, signum: signal.Signals = signal.SIGTERM, grace: float = 10) -> None:
+        """Stop the server with ``signum``, then SIGKILL its group after ``grace``
+        seconds; raise if one of its processes is left."""
+        group = self.process.pid
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        if not wait_for_group_exit(group, grace):
+            with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+                os.killpg(group, signal.SIGKILL)
+        self.process.wait(timeout=10)
+        if not wait_for_group_exit(group, 10):
+            raise RuntimeError(
+                f"The processes {group_members(group)} of the server '{self.name}'"
+                " are still running after SIGKILL; stop them by hand."
+            )
