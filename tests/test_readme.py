@@ -68,7 +68,8 @@ SNIPPETS = {snippet.key: snippet for snippet in _snippets()}
 FLASK_QUICKSTART = ("Quickstart: Flask", 1)
 QUART_QUICKSTART = ("Quickstart: Quart", 1)
 QUART_CLI_COMMAND = ("Quickstart: Quart", 2)
-TESTED = {FLASK_QUICKSTART, QUART_QUICKSTART, QUART_CLI_COMMAND}
+CELERY_JOBS = ("Read-your-writes for API clients and jobs", 1)
+TESTED = {FLASK_QUICKSTART, QUART_QUICKSTART, QUART_CLI_COMMAND, CELERY_JOBS}
 
 
 def test_every_python_block_of_the_readme_has_a_test_here():
@@ -177,3 +178,18 @@ def test_quart_quickstart_and_its_cli_command(pg_cluster, no_item_table, load_sn
     assert _rows(pg_cluster, pg_cluster.primary, "SELECT name FROM item") == ["x"]
     result = app.test_cli_runner().invoke(args=["count"])
     assert (result.exit_code, result.output) == (0, "1\n"), result.output
+
+
+def test_the_celery_example_is_what_the_celery_test_runs():
+    """The README's Celery block is run, with a real worker, by tests/test_jobs.py
+    (its app is tests/server_apps/jobs_app.py): it compiles, and its two calls are
+    the ones that app makes."""
+    source = SNIPPETS[CELERY_JOBS].source
+    compile(source, "README.md", "exec")
+    app = (Path(__file__).parent / "server_apps" / "jobs_app.py").read_text()
+    for call in (
+        "token=rep.consistency_token())",
+        "with app.app_context(), use_replica(after=token):",
+    ):
+        assert call in source
+        assert call in app
