@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from support import group_members, listening_socket, wait_for_group_exit
 
 pytestmark = pytest.mark.slow
 
@@ -158,32 +158,6 @@ MODELS = {
 }
 
 
-def _listening_socket() -> socket.socket:
-    """A loopback socket on a free port, already listening: the server inherits it
-    (``--bind fd://N``), so no other process can take the port in between."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((HOST, 0))
-    sock.listen(128)
-    return sock
-
-
-def _group_members(group: int) -> list[int]:
-    """The live (not zombie) processes of the process group ``group``, from /proc."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-        except OSError:
-            continue
-        # Fields resume after the command name's last ")": state, ppid, pgrp, ...
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == group:
-            members.append(int(entry))
-    return members
-
-
 @dataclass
 class Server:
     model: Model
@@ -243,24 +217,15 @@ class Server:
         if self.process.poll() is None:
             # gunicorn: SIGINT is its quick shutdown; hypercorn shuts down on it too.
             self.process.send_signal(signal.SIGINT)
-        if not _wait_for_group_exit(group, 10):
+        if not wait_for_group_exit(group, 10):
             with contextlib.suppress(ProcessLookupError):  # gone meanwhile
                 os.killpg(group, signal.SIGKILL)
         self.process.wait(timeout=10)
-        if not _wait_for_group_exit(group, 10):
+        if not wait_for_group_exit(group, 10):
             raise RuntimeError(
-                f"The processes {_group_members(group)} of the server '{self.model.name}'"
+                f"The processes {group_members(group)} of the server '{self.model.name}'"
                 " are still running after SIGKILL; stop them by hand."
             )
-
-
-def _wait_for_group_exit(group: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _group_members(group):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -289,7 +254,7 @@ def server(
         "PYTHONUNBUFFERED": "1",
     }
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    with _listening_socket() as sock, log_path.open("wb") as log:
+    with listening_socket(HOST) as sock, log_path.open("wb") as log:
         process = subprocess.Popen(
             model.command(f"fd://{sock.fileno()}"),
             cwd=APPS,
