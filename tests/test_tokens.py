@@ -5,6 +5,7 @@ write there."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -300,3 +301,9 @@ async def test_quart_a_job_reads_what_was_committed(quart_app):
         node, names = await job(token)
         assert (node, name in names) == ("primary", True)
         assert (await job("garbage"))[0] == "primary"
+        end = time.monotonic() + 10  # once the delayed replica has replayed it: there
+        while (await job(token))[0] != "lagging":
+            assert time.monotonic() < end, "the delayed replica never served the job"
+            await asyncio.sleep(0.02)
+        node, names = await job(token)
+    assert (node, name in names) == ("lagging", True)
