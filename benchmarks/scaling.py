@@ -17,9 +17,9 @@ import time
 import tracemalloc
 from typing import TYPE_CHECKING
 
-from replicated_core.sticky import StickyCodec, StickyToken
+from replicated_core.sticky import StickyToken
 
-from ._apps import SECRET_KEY, FlaskBench, flask_app, sqlite_files
+from ._apps import FlaskBench, flask_app, sqlite_files
 from ._common import (
     banner,
     interleave,
@@ -57,7 +57,10 @@ def get_batch(bench: FlaskBench, size: int) -> Callable[[], float]:
 
 def clients_memory(bench: FlaskBench, clients: int) -> list[list[object]]:
     """Memory before and after ``clients`` requests, each from a new sticky client."""
-    codec = StickyCodec(SECRET_KEY)
+    codec = bench.app.extensions["replicated"].router(bench.app).codec
+    # Bound to the cluster its first connections read: else the tokens carry no position.
+    assert codec is not None
+    assert codec.cluster is not None
     client = bench.app.test_client(use_cookies=False)
 
     def serve(first_lsn: int, count: int, cookie: bool) -> None:
