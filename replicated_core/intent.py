@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import math
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
@@ -58,6 +59,9 @@ class Override:
     intent: Intent
     node: Node | None = field(default=None)
     token: Token[Override | None] | None = field(default=None, repr=False)
+    # ``use_replica(max_lag=...)``: the most lag, in seconds, a replica may have to
+    # serve the block; None: any usable replica.
+    max_lag: float | None = field(default=None)
 
 
 _override: ContextVar[Override | None] = ContextVar("replicated_override", default=None)
@@ -83,13 +87,14 @@ def current_scope() -> RequestScope | None:
 class _IntentBlock:
     """A context manager that is also a decorator for sync and async functions."""
 
-    __slots__ = ("_intent",)
+    __slots__ = ("_intent", "_max_lag")
 
-    def __init__(self, intent: Intent) -> None:
+    def __init__(self, intent: Intent, max_lag: float | None = None) -> None:
         self._intent = intent
+        self._max_lag = max_lag
 
     def __enter__(self) -> None:
-        override = Override(self._intent)
+        override = Override(self._intent, max_lag=self._max_lag)
         override.token = _override.set(override)
 
     def __exit__(
@@ -111,10 +116,12 @@ class _IntentBlock:
     @overload
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, func: Callable[P, Any]) -> Callable[P, Any]:
-        return _wrap(func, self._intent, f"@use_{self._intent.value}()")
+        return _wrap(func, self._intent, f"@use_{self._intent.value}()", self._max_lag)
 
 
-def _wrap(func: Callable[P, Any], intent: Intent, decorator: str) -> Callable[P, Any]:
+def _wrap(
+    func: Callable[P, Any], intent: Intent, decorator: str, max_lag: float | None = None
+) -> Callable[P, Any]:
     # A fresh Override per call: a decorated coroutine may run in many tasks at once,
     # so the token must live in the call's frame, not on a shared object.
     if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
@@ -130,7 +137,7 @@ def _wrap(func: Callable[P, Any], intent: Intent, decorator: str) -> Callable[P,
 
         @functools.wraps(func)
         async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            token = _override.set(Override(intent))
+            token = _override.set(Override(intent, max_lag=max_lag))
             try:
                 return await coro_func(*args, **kwargs)
             finally:
@@ -140,7 +147,7 @@ def _wrap(func: Callable[P, Any], intent: Intent, decorator: str) -> Callable[P,
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-        token = _override.set(Override(intent))
+        token = _override.set(Override(intent, max_lag=max_lag))
         try:
             return func(*args, **kwargs)
         finally:
@@ -159,13 +166,21 @@ def use_primary() -> _IntentBlock:
     return _IntentBlock(Intent.PRIMARY)
 
 
-def use_replica() -> _IntentBlock:
+def use_replica(max_lag: float | None = None) -> _IntentBlock:
     """Send every statement inside the block (or decorated function) to a replica.
 
     One replica serves the whole block. A write inside it raises ``ReplicaWriteError``.
-    When no replica is usable, the primary serves the reads.
+    When no replica is usable, the primary serves the reads. With ``max_lag``
+    (seconds), only a replica whose current lag is within it serves the block, else
+    the primary; ``max_lag=0`` takes only replicas reporting no lag.
     """
-    return _IntentBlock(Intent.REPLICA)
+    if max_lag is not None:
+        if isinstance(max_lag, bool) or not isinstance(max_lag, int | float):
+            raise TypeError(f"max_lag must be a number of seconds, not {max_lag!r}")
+        if math.isnan(max_lag) or max_lag < 0:
+            raise ValueError(f"max_lag must be zero or more seconds, not {max_lag!r}")
+        max_lag = float(max_lag)
+    return _IntentBlock(Intent.REPLICA, max_lag)
 
 
 @overload
