@@ -308,9 +308,8 @@ class Router:
     def _replica_for_block(self, scope: RequestScope | None) -> Node:
         override = override_var.get()
         bound = override.max_lag if override is not None else None
-        if bound is None:
-            if scope is not None and scope.decision.node.role is Role.REPLICA:
-                return scope.decision.node
+        if bound is None and scope is not None and scope.decision.node.role is Role.REPLICA:
+            return scope.decision.node
         prober = self._prober
         if scope is None and prober is not None:
             # A job outside requests may be the first reader of the process.
