@@ -74,3 +74,25 @@ def test_a_bound_the_delayed_replica_exceeds_reads_from_the_primary(
             db.session.remove()
     finally:
         dispose_flask_app(app)
+
+
+async def test_quart_a_big_bound_reads_from_the_replica(postgresql_backend: Any) -> None:
+    from support import make_quart_app, text_of
+
+    app = make_quart_app(postgresql_backend)
+
+    @use_replica(max_lag=3600)
+    async def read() -> str:
+        return str(await app.who())
+
+    @app.route("/bounded")
+    async def bounded() -> Any:
+        with use_replica(max_lag=3600):
+            block = await app.who()
+        return f"{block} {await read()}"
+
+    try:
+        response = await app.test_client().get("/bounded")
+        assert await text_of(response) == "replica replica"
+    finally:
+        await app.rep.dispose(app)
