@@ -148,6 +148,7 @@ class Health:
                 s.node,
                 self._usable(s, now),
                 s.probe.replay_lsn if s.probe is not None else None,
+                s.lag_seconds,
             )
             for s in states
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import math
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
@@ -60,6 +61,9 @@ class Override:
     token: Token[Override | None] | None = field(default=None, repr=False)
     # ``use_replica(after=...)``: a consistency token the replica must have replayed.
     after: str | None = field(default=None, repr=False)
+    # ``use_replica(max_lag=...)``: the most lag, in seconds, a replica may have to
+    # serve the block; None: any usable replica.
+    max_lag: float | None = field(default=None)
 
 
 _override: ContextVar[Override | None] = ContextVar("replicated_override", default=None)
@@ -85,14 +89,17 @@ def current_scope() -> RequestScope | None:
 class _IntentBlock:
     """A context manager that is also a decorator for sync and async functions."""
 
-    __slots__ = ("_after", "_intent")
+    __slots__ = ("_after", "_intent", "_max_lag")
 
-    def __init__(self, intent: Intent, after: str | None = None) -> None:
+    def __init__(
+        self, intent: Intent, after: str | None = None, max_lag: float | None = None
+    ) -> None:
         self._intent = intent
         self._after = after
+        self._max_lag = max_lag
 
     def __enter__(self) -> None:
-        override = Override(self._intent, after=self._after)
+        override = Override(self._intent, after=self._after, max_lag=self._max_lag)
         override.token = _override.set(override)
 
     def __exit__(
@@ -114,11 +121,16 @@ class _IntentBlock:
     @overload
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, func: Callable[P, Any]) -> Callable[P, Any]:
-        return _wrap(func, self._intent, f"@use_{self._intent.value}()", self._after)
+        decorator = f"@use_{self._intent.value}()"
+        return _wrap(func, self._intent, decorator, self._after, self._max_lag)
 
 
 def _wrap(
-    func: Callable[P, Any], intent: Intent, decorator: str, after: str | None = None
+    func: Callable[P, Any],
+    intent: Intent,
+    decorator: str,
+    after: str | None = None,
+    max_lag: float | None = None,
 ) -> Callable[P, Any]:
     # A fresh Override per call: a decorated coroutine may run in many tasks at once,
     # so the token must live in the call's frame, not on a shared object.
@@ -135,7 +147,7 @@ def _wrap(
 
         @functools.wraps(func)
         async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-            token = _override.set(Override(intent, after=after))
+            token = _override.set(Override(intent, after=after, max_lag=max_lag))
             try:
                 return await coro_func(*args, **kwargs)
             finally:
@@ -145,7 +157,7 @@ def _wrap(
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-        token = _override.set(Override(intent, after=after))
+        token = _override.set(Override(intent, after=after, max_lag=max_lag))
         try:
             return func(*args, **kwargs)
         finally:
@@ -164,7 +176,7 @@ def use_primary() -> _IntentBlock:
     return _IntentBlock(Intent.PRIMARY)
 
 
-def use_replica(*, after: str | None = None) -> _IntentBlock:
+def use_replica(*, after: str | None = None, max_lag: float | None = None) -> _IntentBlock:
     """Send every statement inside the block (or decorated function) to a replica.
 
     One replica serves the whole block. A write inside it raises ``ReplicaWriteError``.
@@ -175,13 +187,22 @@ def use_replica(*, after: str | None = None) -> _IntentBlock:
     its position, else from the primary. A token that does not check (another key,
     cluster or app, garbled) also sends the block to the primary: never an error,
     never a stale read. A token with a position holds whatever its age.
+
+    With ``max_lag`` (seconds), only a replica whose current lag is within it serves
+    the block, else the primary; ``max_lag=0`` takes only replicas reporting no lag.
     """
     if after is not None and not isinstance(after, str):
         raise TypeError(
             "use_replica(after=...) takes the str of a consistency token, got "
             f"{type(after).__name__}."
         )
-    return _IntentBlock(Intent.REPLICA, after)
+    if max_lag is not None:
+        if isinstance(max_lag, bool) or not isinstance(max_lag, int | float):
+            raise TypeError(f"max_lag must be a number of seconds, not {max_lag!r}")
+        if math.isnan(max_lag) or max_lag < 0:
+            raise ValueError(f"max_lag must be zero or more seconds, not {max_lag!r}")
+        max_lag = float(max_lag)
+    return _IntentBlock(Intent.REPLICA, after, max_lag)
 
 
 @overload

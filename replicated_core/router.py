@@ -293,9 +293,12 @@ class Router:
         self.counters.add("retries")
         last = failed[-1]
         views = [v for v in self.health.views() if v.node not in failed]
-        usable = [v.node for v in views if v.usable]
         override = current_override()
         if override is not None and override.node is last:
+            bound = override.max_lag
+            usable = [
+                v.node for v in views if v.usable and (bound is None or v.lag_seconds <= bound)
+            ]
             override.node = self._choose(usable) if usable else self.primary
         scope = self.requests.scope()
         if scope is not None and scope.decision.node is last:
@@ -332,22 +335,35 @@ class Router:
         if scope is None and prober is not None:
             prober.ensure_started()  # a job may be the first reader of the process
         lsn = token.lsn
+        override = override_var.get()
+        bound = override.max_lag if override is not None else None  # both may be given
         caught_up = [
             view.node
             for view in self.health.views()
-            if view.usable and view.replay_lsn is not None and view.replay_lsn >= lsn
+            if view.usable
+            and view.replay_lsn is not None
+            and view.replay_lsn >= lsn
+            and (bound is None or view.lag_seconds <= bound)
         ]
         return self._choose(caught_up) if caught_up else self.primary
 
     def _replica_for_block(self, scope: RequestScope | None) -> Node:
-        if scope is not None and scope.decision.node.role is Role.REPLICA:
+        override = override_var.get()
+        bound = override.max_lag if override is not None else None
+        if bound is None and scope is not None and scope.decision.node.role is Role.REPLICA:
             return scope.decision.node
         prober = self._prober
         if scope is None and prober is not None:
             # A job outside requests may be the first reader of the process.
             prober.ensure_started()
-        usable = [view.node for view in self.health.views() if view.usable]
-        return self._choose(usable) if usable else self.primary
+        views = self.health.views()
+        if bound is None:
+            usable = [view.node for view in views if view.usable]
+            return self._choose(usable) if usable else self.primary
+        within = [v.node for v in views if v.usable and v.lag_seconds <= bound]
+        if scope is not None and scope.decision.node in within:
+            return scope.decision.node  # the request's replica, if it is within the bound
+        return self._choose(within) if within else self.primary
 
     # -- guards ------------------------------------------------------------------
 

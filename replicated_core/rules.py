@@ -78,6 +78,7 @@ class ReplicaView:
     node: Node
     usable: bool
     replay_lsn: int | None
+    lag_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

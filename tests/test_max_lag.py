@@ -1,0 +1,98 @@
+"""use_replica(max_lag=...): a bound on the lag of the replica that serves a block."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from replicated_core import use_replica
+
+
+@pytest.mark.parametrize("bad", [True, "1", None.__class__, [1]])
+def test_a_non_number_is_a_type_error(bad: Any) -> None:
+    with pytest.raises(TypeError, match="max_lag"):
+        use_replica(max_lag=bad)
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5, math.nan])
+def test_a_negative_or_nan_bound_is_a_value_error(bad: float) -> None:
+    with pytest.raises(ValueError, match="max_lag"):
+        use_replica(max_lag=bad)
+
+
+def test_a_big_bound_reads_from_the_replica_in_a_block_and_a_decorator(pg_flask_app: Any) -> None:
+    app = pg_flask_app
+    backend, db = app.backend, app.db
+
+    @use_replica(max_lag=3600)
+    def read() -> str:
+        return str(backend.who(db.session))
+
+    with app.app_context():
+        with use_replica(max_lag=3600):
+            assert backend.who(db.session) == "replica"
+        db.session.remove()
+        assert read() == "replica"
+
+
+def test_a_bound_the_delayed_replica_exceeds_reads_from_the_primary(
+    postgresql_backend: Any,
+) -> None:
+    import time
+
+    import sqlalchemy as sa
+    from support import dispose_flask_app, make_flask_app
+
+    app = make_flask_app(postgresql_backend, "lagging", REPLICATED_CHECK_INTERVAL=0.02)
+    backend, db = app.backend, app.db
+    try:
+        with app.app_context():
+            router = app.extensions["replicated"].router(app)
+            with use_replica():  # starts the prober
+                backend.who(db.session)
+            db.session.remove()
+            state = router.health.states["slave"]
+            deadline = time.monotonic() + 5
+            seen = False
+            for _ in range(200):  # bounded: writes until a check sees the delay as lag
+                if time.monotonic() > deadline:
+                    break
+                with db.engine.begin() as conn:
+                    conn.execute(sa.text("INSERT INTO items (name) VALUES ('lag')"))
+                time.sleep(0.1)
+                if state.lag_seconds > 0.05:
+                    seen = True
+                    with use_replica(max_lag=0.05):
+                        assert backend.who(db.session) == "primary"
+                    db.session.remove()
+                    break
+            assert seen, "the delayed replica never showed a lag"
+            with use_replica(max_lag=3600):
+                assert backend.who(db.session) == "lagging"
+            db.session.remove()
+    finally:
+        dispose_flask_app(app)
+
+
+async def test_quart_a_big_bound_reads_from_the_replica(postgresql_backend: Any) -> None:
+    from support import make_quart_app, text_of
+
+    app = make_quart_app(postgresql_backend)
+
+    @use_replica(max_lag=3600)
+    async def read() -> str:
+        return str(await app.who())
+
+    @app.route("/bounded")
+    async def bounded() -> Any:
+        with use_replica(max_lag=3600):
+            block = await app.who()
+        return f"{block} {await read()}"
+
+    try:
+        response = await app.test_client().get("/bounded")
+        assert await text_of(response) == "replica replica"
+    finally:
+        await app.rep.dispose(app)
