@@ -50,13 +50,15 @@ def make_router() -> Router:
         for i, name in enumerate(["r1", "r2"])
     ]
     router = Router(config, primary, replicas, StickyCodec(SECRET_KEY))
-    assert router.codec is not None
-    router.codec.cluster = "bench-00"  # as its first connection would tell it
     record_positions(router)
     return router
 
 
 def record_positions(router: Router) -> None:
+    """What the router's first connections and probes would tell it: the cluster its
+    tokens are bound to, and replicas that replayed up to REPLAYED."""
+    assert router.codec is not None
+    router.codec.cluster = "bench-00"
     for node in router.replicas:
         router.health.record(node, ReplicaProbe(True, REPLAYED, REPLAYED, 0.0))
 
