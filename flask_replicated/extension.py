@@ -91,6 +91,8 @@ class FlaskReplicated:
         )
         router = Router(config, primary, replicas, codec)
         router.prober = ThreadProber(router.health, probe_replica, on_overdue=router.cut_off)
+        if router.catch_up is not None:
+            router.catch_up.run = first_row
         install_routed_engines(db, app, router)
         self._routers[app] = router
         app.extensions["replicated"] = self
@@ -298,23 +300,36 @@ def _replace_teardown(app: Flask, db: SQLAlchemy, close: Callable[[Any], None]) 
 
 def probe_replica(node: Node) -> ReplicaProbe:
     """Read a replica's replay position and lag: one round trip on a pooled
-    connection, in autocommit (no BEGIN, no ROLLBACK).
+    connection, in autocommit (no BEGIN, no ROLLBACK). Its connection is marked so
+    that ``Router.cut_off`` leaves it alone: its answer tells when a hung replica is
+    back."""
+    backend = backend_for(node.engine.dialect.name)
+    row = _first_row(node, backend.replica_probe_sql, probe=True)
+    if row is None:
+        raise RuntimeError(f"The position check of replica '{node.name}' returned no row.")
+    return backend.replica_probe(row)
 
-    A check that outlived its engine's pool (the app disposed of it meanwhile: the
-    prober gave up waiting for this check) closes its connection rather than hand
-    it back to a pool nobody will close.
-    """
+
+def first_row(node: Node, sql: str) -> tuple[object, ...] | None:
+    """The first row of ``sql`` on ``node`` (a catch-up wait), in autocommit. Not
+    marked as a probe: a replica that hangs meanwhile has it cut off like a read."""
+    return _first_row(node, sql, probe=False)
+
+
+def _first_row(node: Node, sql: str, *, probe: bool) -> tuple[object, ...] | None:
+    # A query that outlived its engine's pool (the app disposed of it meanwhile)
+    # closes its connection rather than hand it back to a pool nobody will close.
     engine = node.engine
-    backend = backend_for(engine.dialect.name)
     pool = engine.pool
     with engine.connect() as conn:
-        info = conn.info  # the pooled connection's: marks it for Router.cut_off()
-        info[PROBE_MARK] = True
+        info = conn.info  # the pooled connection's
+        if probe:
+            info[PROBE_MARK] = True
         try:
             auto = conn.execution_options(isolation_level="AUTOCOMMIT")
-            row = auto.execute(text(backend.replica_probe_sql)).one()
+            row = auto.execute(text(sql)).first()
         finally:
             info.pop(PROBE_MARK, None)
             if engine.pool is not pool:
                 conn.invalidate()
-    return backend.replica_probe(tuple(row))
+    return None if row is None else tuple(row)

@@ -58,6 +58,13 @@ class _AppState:
     sessions: async_sessionmaker[AsyncSession]
     prober: TaskProber | None = None
 
+    async def first_row(self, node: Node, sql: str) -> tuple[object, ...] | None:
+        """The first row of ``sql`` on ``node`` (a catch-up wait), in autocommit."""
+        async with self.by_node[node.name].connect() as conn:
+            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            row = (await auto.execute(text(sql))).first()
+        return None if row is None else tuple(row)
+
     async def probe_replica(self, node: Node) -> ReplicaProbe:
         """Read a replica's replay position and lag: one round trip on a pooled
         connection, in autocommit (no BEGIN, no ROLLBACK)."""
@@ -152,6 +159,8 @@ class QuartReplicated:
         state = _AppState(router, engines, by_node, sessions)
         if router.health.probing:
             state.prober = router.prober = TaskProber(router.health, state.probe_replica)
+        if router.catch_up is not None:
+            router.catch_up.run_async = state.first_row
         self._apps[app] = state
         app.extensions["replicated"] = self
         _hook(app, state)
@@ -299,11 +308,11 @@ def _hook(app: Quart, state: _AppState) -> None:
         if prober is not None and requests.needs_positions(facts):
             await prober.ensure()
         headers = req.headers
-        requests.begin(
-            facts,
-            _sticky_cookie(headers.getlist("Cookie"), cookie_name),
-            headers.get(token_header) if token_header is not None else None,
-        )
+        cookie = _sticky_cookie(headers.getlist("Cookie"), cookie_name)
+        token = headers.get(token_header) if token_header is not None else None
+        if cookie is not None or token is not None:
+            await requests.wait_for_replica(facts, cookie, token)
+        requests.begin(facts, cookie, token)
 
     async def websocket_started_(sender: Quart, **extra: Any) -> None:
         endpoint = websocket.endpoint
@@ -312,11 +321,11 @@ def _hook(app: Quart, state: _AppState) -> None:
         if prober is not None and requests.needs_positions(facts):
             await prober.ensure()
         headers = websocket.headers
-        requests.begin(
-            facts,
-            _sticky_cookie(headers.getlist("Cookie"), cookie_name),
-            headers.get(token_header) if token_header is not None else None,
-        )
+        cookie = _sticky_cookie(headers.getlist("Cookie"), cookie_name)
+        token = headers.get(token_header) if token_header is not None else None
+        if cookie is not None or token is not None:
+            await requests.wait_for_replica(facts, cookie, token)
+        requests.begin(facts, cookie, token)
 
     async def after_request(response: Response) -> Response:
         scope = requests.scope()

@@ -57,6 +57,7 @@ DEFAULTS: Mapping[str, object] = {
     "REPLICATED_WEBSOCKET_READONLY": False,
     "REPLICATED_DEBUG_HEADER": None,
     "REPLICATED_TOKEN_HEADER": "Replicated-Token",
+    "REPLICATED_CATCH_UP_TIMEOUT": 0.1,
 }
 
 # RFC 6265 cookie-name token: visible ASCII except separators.
@@ -96,6 +97,9 @@ class ReplicatedConfig:
     websocket_readonly: bool
     debug_header: str | None
     token_header: str | None = "Replicated-Token"
+    # How long a sticky read waits for a replica to replay its client's write before
+    # the primary serves it; 0: no wait.
+    catch_up_timeout: float = 0.1
     replicas: tuple[ReplicaURL, ...] = ()
 
     def sticky_ttl(self, mode: StickyMode) -> float:
@@ -172,6 +176,9 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
         token_header=None
         if value["REPLICATED_TOKEN_HEADER"] is None
         else _token("REPLICATED_TOKEN_HEADER", value["REPLICATED_TOKEN_HEADER"]),
+        catch_up_timeout=_seconds(
+            "REPLICATED_CATCH_UP_TIMEOUT", value["REPLICATED_CATCH_UP_TIMEOUT"], zero=True
+        ),
     )
 
 
@@ -323,12 +330,15 @@ def _enum(key: str, value: Mapping[str, object], kind: type[StickyMode]) -> Stic
         raise ConfigError(f"'{key}' must be one of {choices}, got {_shown(raw)}.") from None
 
 
-def _seconds(key: str, value: object) -> float:
+def _seconds(key: str, value: object, *, zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"'{key}' must be a number of seconds, got {_shown(value)}.")
     seconds = float(value)
+    if zero and seconds == 0:
+        return seconds
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(f"'{key}' must be a positive number of seconds, got {_shown(value)}.")
+        what = "zero or a positive number" if zero else "a positive number"
+        raise ConfigError(f"'{key}' must be {what} of seconds, got {_shown(value)}.")
     return seconds
 
 

@@ -8,6 +8,7 @@ answer to ``finish()``. Every change of state happens under one lock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -22,7 +23,7 @@ from .rules import ReplicaView
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from .backends import ReplicaProbe
+    from .backends import Position, ReplicaProbe
     from .nodes import Node
 
 __all__ = ["INTERRUPTED", "Check", "Health", "Plan", "ReplicaState", "describe_error"]
@@ -324,6 +325,23 @@ class Health:
                     (state.node.name,),
                 )
             )
+
+    def advance(self, node: Node, replay: Position) -> None:
+        """Note that ``node`` has replayed ``replay``, as a catch-up wait just saw: the
+        requests after it find the replica caught up without asking. Only a replica
+        known to be a standby moves, and only forward; its lag stays as last probed."""
+        with self._lock:
+            state = self.states[node.name]
+            probe = state.probe
+            if probe is None or not probe.in_recovery:
+                return
+            if probe.replay_lsn is not None and probe.replay_lsn >= replay:
+                return
+            receive = probe.receive_lsn
+            if receive is not None and not receive >= replay:
+                receive = replay
+            state.probe = dataclasses.replace(probe, replay_lsn=replay, receive_lsn=receive)
+            self._changed()
 
     def mark_down(self, node: Node, error: BaseException) -> None:
         """Leave ``node`` alone for the downtime, after a failed connect or probe.

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast, overload
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Awaitable, Callable, Coroutine
     from types import TracebackType
 
     from .nodes import Node
@@ -70,6 +70,11 @@ _override: ContextVar[Override | None] = ContextVar("replicated_override", defau
 _scope: ContextVar[RequestScope | None] = ContextVar("replicated_scope", default=None)
 
 
+# Set by the router module: awaited before an async ``use_replica(after=...)`` block
+# or decorated coroutine, so that the wait for a replica to replay the token's
+# position does not block the event loop.
+token_waiter: Callable[[str, float | None], Awaitable[None]] | None = None
+
 # The variables themselves, for the per-statement paths: ``scope_var.get()`` saves
 # the call around it, and those paths run for every statement.
 override_var = _override
@@ -87,7 +92,8 @@ def current_scope() -> RequestScope | None:
 
 
 class _IntentBlock:
-    """A context manager that is also a decorator for sync and async functions."""
+    """A context manager (``with`` and ``async with``) that is also a decorator for
+    sync and async functions."""
 
     __slots__ = ("_after", "_intent", "_max_lag")
 
@@ -113,6 +119,20 @@ class _IntentBlock:
         override = _override.get()
         if override is not None and override.token is not None:
             _override.reset(override.token)
+
+    async def __aenter__(self) -> None:
+        after = self._after
+        if after is not None and token_waiter is not None:
+            await token_waiter(after, self._max_lag)
+        self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
 
     @overload
     def __call__(
@@ -147,6 +167,8 @@ def _wrap(
 
         @functools.wraps(func)
         async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            if after is not None and token_waiter is not None:
+                await token_waiter(after, max_lag)
             token = _override.set(Override(intent, after=after, max_lag=max_lag))
             try:
                 return await coro_func(*args, **kwargs)
@@ -184,7 +206,10 @@ def use_replica(*, after: str | None = None, max_lag: float | None = None) -> _I
 
     ``after`` is a consistency token (``rep.consistency_token()``, handed to a job by
     the request that wrote): the block then reads from a replica that has replayed
-    its position, else from the primary. A token that does not check (another key,
+    its position, else from the primary. When no replica has it yet, the block waits
+    up to ``REPLICATED_CATCH_UP_TIMEOUT`` for one to: in async code, enter the block
+    with ``async with`` (or decorate a coroutine), so that the wait is awaited; a
+    plain ``with`` in async code does not wait. A token that does not check (another key,
     cluster or app, garbled) also sends the block to the primary: never an error,
     never a stale read. A token with a position holds whatever its age.
 

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event
 
+from . import intent
 from .backends import backend_for
+from .catchup import CatchUp
 from .config import ReplicatedConfig, StickyMode
 from .counters import Counters
 from .guards import CUT_MARK, EXECUTE_HOOKS, guard_replica
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry
 
     from .backends import Position
+    from .rules import ReplicaView
     from .scope import RequestScope
     from .sticky import StickyCodec
 
@@ -102,6 +105,13 @@ class Router:
             secrets=[n.engine.url.password or "" for n in (primary, *self.replicas)],
         )
         self.counters = Counters()
+        # The short wait for a replica to replay a sticky client's write; its IO is
+        # the adapter's. None where positions cannot be read.
+        self.catch_up = (
+            CatchUp(self.health, self.counters, self.backends, config.catch_up_timeout)
+            if self.health.probing
+            else None
+        )
         self._prober: ThreadProber | TaskProber | None = None
         self._thread_prober: ThreadProber | None = None
         # Pooled connections of each replica, to cut off those stuck on a hung one.
@@ -131,6 +141,7 @@ class Router:
             self._choose,
             self.backend.format_position,
         )
+        self.requests.catch_up = self.catch_up
         self._warned_late_commit = False
         self._install_guards()
         if codec is not None and self.backend.has_positions:
@@ -189,6 +200,9 @@ class Router:
         self.counters = Counters()
         self.requests.after_fork(self.counters)
         self.health.reset()
+        if self.catch_up is not None:
+            self.catch_up.counters = self.counters
+            self.catch_up.reset()
         if self._prober is not None:
             self._prober.reset()
         self._entries_lock = threading.Lock()
@@ -337,15 +351,35 @@ class Router:
         lsn = token.lsn
         override = override_var.get()
         bound = override.max_lag if override is not None else None  # both may be given
-        caught_up = [
-            view.node
-            for view in self.health.views()
-            if view.usable
-            and view.replay_lsn is not None
-            and view.replay_lsn >= lsn
-            and (bound is None or view.lag_seconds <= bound)
-        ]
+        views = self.health.views()
+        caught_up = _caught_up(views, lsn, bound)
+        catch_up = self.catch_up
+        if not caught_up and catch_up is not None and catch_up.blocks:
+            node = catch_up.pick(lsn, views, bound)
+            if node is not None and catch_up.wait(node, lsn):
+                caught_up = _caught_up(self.health.views(), lsn, bound)
         return self._choose(caught_up) if caught_up else self.primary
+
+    async def await_token(self, value: str, max_lag: float | None = None) -> None:
+        """Before an ``async with use_replica(after=value)`` block: wait, awaited, for
+        a replica to replay the token's position, if it is this router's (its cluster
+        and app) and no replica has it in the cached positions. The block's first
+        statement then finds that replica caught up."""
+        catch_up, codec = self.catch_up, self._codec
+        if catch_up is None or not catch_up.awaits or codec is None:
+            return
+        token = codec.loads(value, math.inf)
+        if token is None or token.lsn is None:
+            return
+        prober = self._prober
+        if isinstance(prober, TaskProber):
+            await prober.ensure()  # a job may be the first reader of the process
+        views = self.health.views()
+        if _caught_up(views, token.lsn, max_lag):
+            return
+        node = catch_up.pick(token.lsn, views, max_lag)
+        if node is not None:
+            await catch_up.wait_async(node, token.lsn)
 
     def _replica_for_block(self, scope: RequestScope | None) -> Node:
         override = override_var.get()
@@ -490,6 +524,27 @@ class Router:
 
         return remember
 
+
+def _caught_up(views: Sequence[ReplicaView], lsn: Position, bound: float | None) -> list[Node]:
+    # The usable replicas that have replayed ``lsn``, within the lag bound if any.
+    return [
+        view.node
+        for view in views
+        if view.usable
+        and view.replay_lsn is not None
+        and view.replay_lsn >= lsn
+        and (bound is None or view.lag_seconds <= bound)
+    ]
+
+
+async def _await_tokens(value: str, max_lag: float | None) -> None:
+    # For ``async with use_replica(after=...)``: the token names its cluster and app,
+    # so at most one router takes it.
+    for router in list(_ROUTERS):
+        await router.await_token(value, max_lag)
+
+
+intent.token_waiter = _await_tokens
 
 _READ = StatementKind.READ
 _WRITE = StatementKind.WRITE

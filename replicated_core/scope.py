@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from contextvars import Token
 
     from .backends import Position
+    from .catchup import CatchUp
     from .config import ReplicatedConfig
     from .counters import Counters
     from .health import Health
@@ -170,6 +171,8 @@ class Requests:
         self._wal = codec is not None and sticky_mode is StickyMode.WAL
         # Started by the first request that reads (set by the router).
         self.thread_prober: ThreadProber | None = None
+        # Waits for a replica to replay a sticky client's write (set by the router).
+        self.catch_up: CatchUp | None = None
         self._facts: dict[tuple[str, str | None, object, bool], RequestFacts] = {}
         self._names: dict[tuple[Reason, Role, bool], tuple[str, ...]] = {}
         self._with_writes: dict[tuple[str, ...], tuple[str, ...]] = {}
@@ -270,6 +273,9 @@ class Requests:
         if sticky is not None and sticky.lsn is not None:
             # The answer depends on the cookie's position: not worth remembering.
             known = self._candidates(facts, sticky, views)
+            catch_up = self.catch_up
+            if known[1] is not None and catch_up is not None and catch_up.blocks:
+                known = self._after_waiting(facts, sticky, views, known, catch_up)
         else:
             index = facts.kind if sticky is None else facts.kind | _TIME_COOKIE
             known = self._memo[index]
@@ -302,6 +308,43 @@ class Requests:
                 decision.reason.value,
                 f" (sticky at {self._show_position(sticky.lsn)})" if sticky and sticky.lsn else "",
             )
+
+    def _after_waiting(
+        self,
+        facts: RequestFacts,
+        sticky: StickyToken,
+        views: Sequence[ReplicaView],
+        known: _Known,
+        catch_up: CatchUp,
+    ) -> _Known:
+        # No replica has the client's write in the cached positions: wait briefly for
+        # one to replay it (blocking; sync adapters), then decide again.
+        if known[1] is None or known[1].reason is not Reason.STICKY_REPLICAS_BEHIND:
+            return known
+        node = catch_up.pick(sticky.lsn, views)
+        if node is None or not catch_up.wait(node, sticky.lsn):
+            return known
+        health = self._health
+        return self._candidates(facts, sticky, health.stable_views or health.views())
+
+    async def wait_for_replica(
+        self, facts: RequestFacts, cookie: str | None, header: str | None = None
+    ) -> None:
+        """For async adapters, before ``begin``: if the request is a sticky read that no
+        replica can serve from the cached positions, wait (awaited) up to the catch-up
+        timeout for one to replay the client's write, so that ``begin`` finds it."""
+        catch_up = self.catch_up
+        if catch_up is None or not catch_up.awaits or not facts.reads:
+            return
+        sticky = self.read_token(cookie, header)
+        if sticky is None or sticky.lsn is None:
+            return
+        health = self._health
+        views = health.stable_views or health.views()
+        if decide(facts, sticky, self._primary, views)[0].reason is Reason.STICKY_REPLICAS_BEHIND:
+            node = catch_up.pick(sticky.lsn, views)
+            if node is not None:
+                await catch_up.wait_async(node, sticky.lsn)
 
     def _candidates(
         self, facts: RequestFacts, sticky: StickyToken | None, views: Sequence[ReplicaView]

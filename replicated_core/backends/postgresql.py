@@ -44,6 +44,23 @@ SELECT pg_is_in_recovery(),
          ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0)
        END::float8"""
 
+# Waits on a standby, in one statement, until it has replayed a position or the time
+# is up, and says how far it got. pg_sleep() runs only in the CASE's last branch, so
+# once per row that did not end the wait, and the LIMIT stops at the first that did.
+# The series only bounds the rows: each sleeps at least a millisecond. A server not
+# in recovery has no replay position (NULL): it ends the wait at once.
+CATCH_UP_SQL = """\
+SELECT pg_last_wal_replay_lsn()::text
+FROM generate_series(1, {rows}) AS i
+WHERE CASE
+        WHEN pg_last_wal_replay_lsn() IS NULL
+             OR pg_last_wal_replay_lsn() >= '{position}'::pg_lsn
+             OR clock_timestamp() >= statement_timestamp() + interval '{ms} milliseconds'
+        THEN true
+        ELSE pg_sleep(0.001) IS NULL
+      END
+LIMIT 1"""
+
 # Whether the committing transaction was given a transaction id, i.e. wrote.
 _XID_SQL = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
 _TXID_SQL = "SELECT txid_current_if_assigned() IS NOT NULL"  # before PostgreSQL 13
@@ -130,6 +147,15 @@ class PostgreSQL:
     def read_cluster(self, dbapi_connection: Any) -> str | None:
         """The system identifier (see ``_scalar``)."""
         return _text(_scalar(dbapi_connection, CLUSTER_SQL))
+
+    def catch_up_sql(self, position: int, timeout: float) -> str:
+        """``CATCH_UP_SQL`` for ``position`` (an int, so the literal is ours)."""
+        ms = max(1, round(timeout * 1000))
+        return CATCH_UP_SQL.format(rows=ms + 1, position=format_lsn(position), ms=ms)
+
+    def caught_up(self, row: tuple[object, ...] | None) -> int | None:
+        """The replay position the wait ended at."""
+        return None if row is None else parse_lsn(_text(row[0]))
 
     def primary_status(self, row: tuple[object, ...]) -> tuple[bool | None, int | None]:
         """``pg_is_in_recovery()`` and the flush position."""

@@ -90,6 +90,17 @@ class Backend(Protocol):
         None where there is no such thing. Leaves no transaction open."""
         ...
 
+    def catch_up_sql(self, position: Position, timeout: float) -> str | None:
+        """SQL run on a replica that waits there, up to ``timeout`` seconds, until it
+        has replayed ``position``: one round trip, whose row ``caught_up`` reads.
+        None where a replica cannot be asked."""
+        ...
+
+    def caught_up(self, row: tuple[object, ...] | None) -> Position | None:
+        """From the row of ``catch_up_sql`` (None: it gave none): how far the replica
+        had replayed when the wait ended; None if it cannot tell (not a standby)."""
+        ...
+
     def primary_status(self, row: tuple[object, ...]) -> tuple[bool | None, Position | None]:
         """From a row of ``primary_status_sql``: whether the server is in recovery
         (None: cannot tell) and the position every replica must reach to be caught up."""

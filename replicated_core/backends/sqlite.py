@@ -41,6 +41,14 @@ class NoPositions:
         """None: nothing names a set of SQLite files."""
         return
 
+    def catch_up_sql(self, position: object, timeout: float) -> None:
+        """None: there is no position to wait for."""
+        return
+
+    def caught_up(self, row: tuple[object, ...] | None) -> None:
+        """None: nothing is known."""
+        return
+
     def primary_status(self, row: tuple[object, ...]) -> tuple[bool | None, None]:
         """Nothing is known beyond that the server answered."""
         return None, None
