@@ -111,6 +111,10 @@ class ThreadProber:
     def reset(self) -> None:
         """Forget the threads (after a fork: they do not exist in the child)."""
         self.running = False
+        # Running, with its first round (in a process) answered or given up on: the
+        # request path calls ensure_started() until then.
+        self.ready = False
+        self._first_pending = False
         # Set by every request that reads; the ticker clears it and notes the time.
         self.used = False
         self._used_at = 0.0
@@ -129,15 +133,22 @@ class ThreadProber:
         replica is then overdue, not waited for); a restart after an idle stop does
         not wait: the positions it left are known.
 
-        The request path calls it only when ``running`` is False.
+        The request path calls it only while ``ready`` is False.
         """
         self.used = True
         with self._lock:
             if not self.running:
+                # Asked before the start, which dispatches (and counts) the first round.
+                first = self._rounds == 0
                 self._start()
-            wait = self._rounds == 0
+                self._first_pending = first
+            wait = self._first_pending
         if wait:
+            # Also the requests that come while the first round is out: they would
+            # find no positions (and, for tokens, no cluster) known yet.
             self._first_round.wait(self.health.probe_timeout)
+            self._first_pending = False
+        self.ready = self.running
 
     def _start(self) -> None:
         self._pools = [(s.node.engine, s.node.engine.pool) for s in self.health.states.values()]
@@ -226,6 +237,7 @@ class ThreadProber:
             if not self.running:
                 return
             self.running = False
+            self.ready = False
             self._stop.set()
             thread, workers = self._thread, list(self._workers.values())
             self._workers = {}

@@ -264,7 +264,7 @@ class Requests:
             prober = self.thread_prober
             if prober is not None:
                 prober.used = True  # keeps it from stopping for want of use
-                if not prober.running:
+                if not prober.ready:
                     prober.ensure_started()
             if cookie is not None or header is not None:
                 sticky = self.read_token(cookie, header)

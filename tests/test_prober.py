@@ -408,3 +408,56 @@ def test_a_repeatable_read_transaction_cut_off_between_two_reads_is_not_retried(
     error = _hang_between_two_reads(fault_backend, fault_cluster, SQLALCHEMY_ENGINE_OPTIONS=options)
     assert isinstance(error, sa.exc.OperationalError)
     assert "SELECT inet_server_port()" in str(error)
+
+
+def test_the_first_start_waits_for_the_first_round_of_checks():
+    """A fresh process's first read must find the replicas' positions known: its
+    ensure_started() returns once the first round answered (within the probe
+    timeout), so a sticky reader is not sent to the primary for want of them."""
+    from replicated_core.prober import ThreadProber
+
+    r1 = Node("r1", Role.REPLICA, sa.create_engine("sqlite://"))
+    health = Health([r1], probing=True, check_interval=5, max_lag=30, downtime=5, probe_timeout=5)
+    answered = threading.Event()
+
+    def slow_probe(node: Node) -> ReplicaProbe:
+        time.sleep(0.2)
+        answered.set()
+        return ReplicaProbe(True, 100, 100, 0.0)
+
+    prober = ThreadProber(health, slow_probe)
+    try:
+        prober.ensure_started()
+        assert health.states["r1"].probe is not None
+        assert answered.is_set()
+    finally:
+        prober.stop()
+
+
+def test_a_read_that_comes_while_the_first_round_is_out_waits_for_it_too():
+    # gunicorn gthread: a worker's first requests arrive together; the second one
+    # found the prober running and read before any position was known.
+    from replicated_core.prober import ThreadProber
+
+    r1 = Node("r1", Role.REPLICA, sa.create_engine("sqlite://"))
+    health = Health([r1], probing=True, check_interval=5, max_lag=30, downtime=5, probe_timeout=5)
+    started = threading.Event()
+
+    def slow_probe(node: Node) -> ReplicaProbe:
+        started.set()
+        time.sleep(0.3)
+        return ReplicaProbe(True, 100, 100, 0.0)
+
+    prober = ThreadProber(health, slow_probe)
+    first = threading.Thread(target=prober.ensure_started)
+    try:
+        first.start()
+        assert started.wait(5)
+        assert prober.running
+        assert not prober.ready
+        prober.ensure_started()
+        assert health.states["r1"].probe is not None
+        assert prober.ready
+    finally:
+        first.join(5)
+        prober.stop()
