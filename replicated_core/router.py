@@ -337,6 +337,11 @@ class Router:
 
     def _replica_after(self, value: str, scope: RequestScope | None) -> Node:
         # use_replica(after=token): a replica that has replayed the token's position.
+        prober = self._prober
+        if scope is None and prober is not None:
+            # A job may be the first reader of the process: the first round of checks
+            # also tells which cluster this is, which a token with a position needs.
+            prober.ensure_started()
         codec = self._codec
         token = None if codec is None else codec.loads(value, math.inf)
         if token is None:
@@ -345,9 +350,6 @@ class Router:
             # Only "its holder wrote": the primary for the sticky time, as a cookie.
             fresh = codec is not None and codec.loads(value, self._sticky_ttl) is not None
             return self.primary if fresh else self._replica_for_block(scope)
-        prober = self._prober
-        if scope is None and prober is not None:
-            prober.ensure_started()  # a job may be the first reader of the process
         lsn = token.lsn
         override = override_var.get()
         bound = override.max_lag if override is not None else None  # both may be given

@@ -10,7 +10,8 @@ delayed replica had the row once the read was done (if not, a read there would h
 stale). ``GET /jobs/<id>`` answers a job's state and result, so that the test process
 needs no Celery of its own.
 
-Broker and results are files (kombu's filesystem transport, Celery's file backend) in
+Broker and results are files (kombu's filesystem transport, made atomic below; Celery's
+file backend) in
 folders the test names: no broker server. Settings come from the environment as for the
 other server apps (tests/server_apps/server_settings.py), plus ``jobs``: the folders and
 the worker's ready file.
@@ -19,6 +20,8 @@ the worker's ready file.
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,8 @@ from celery import Celery
 from celery.signals import worker_ready
 from flask import Flask, request
 from flask_sqlalchemy import SQLAlchemy
+from kombu.transport import TRANSPORT_ALIASES, filesystem
+from kombu.utils import json as kombu_json
 from server_settings import WHO_SQL, load
 
 from flask_replicated import FlaskReplicated, use_primary, use_replica
@@ -53,7 +58,31 @@ class Order(db.Model):  # type: ignore[name-defined,misc]
     value = sa.Column(sa.String(64), nullable=False)
 
 
-celery = Celery("jobs_app", broker="filesystem://", backend=f"file://{jobs['results']}")
+class _AtomicChannel(filesystem.Channel):  # type: ignore[misc]
+    """kombu's filesystem channel, but a message appears in the queue folder whole.
+
+    kombu creates the file in the folder and then writes it, and a consumer polling
+    meanwhile may move and read it empty: the worker's main process then dies of a
+    JSONDecodeError (kombu issue 1551). Here the file is written beside the folder
+    and renamed into it, which is atomic on one filesystem.
+    """
+
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+        name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        staged = STAGING / name
+        staged.write_bytes(kombu_json.dumps(payload).encode())
+        os.replace(staged, Path(self.data_folder_out) / name)
+
+
+class AtomicFilesystemTransport(filesystem.Transport):  # type: ignore[misc]
+    Channel = _AtomicChannel
+
+
+STAGING = Path(jobs["queue"]).parent / "staging"
+STAGING.mkdir(exist_ok=True)
+TRANSPORT_ALIASES["atomicfs"] = "jobs_app:AtomicFilesystemTransport"
+
+celery = Celery("jobs_app", broker="atomicfs://", backend=f"file://{jobs['results']}")
 celery.conf.update(
     broker_transport_options={
         "data_folder_in": jobs["queue"],
