@@ -96,3 +96,75 @@ async def test_quart_a_big_bound_reads_from_the_replica(postgresql_backend: Any)
         assert await text_of(response) == "replica replica"
     finally:
         await app.rep.dispose(app)
+
+
+async def test_quart_a_bound_the_delayed_replica_exceeds_reads_from_the_primary(
+    postgresql_backend: Any,
+) -> None:
+    import asyncio
+    import time
+
+    import sqlalchemy as sa
+    from support import make_quart_app
+
+    app = make_quart_app(postgresql_backend, "lagging", REPLICATED_CHECK_INTERVAL=0.02)
+    primary = sa.create_engine(postgresql_backend.url("primary"))
+    try:
+        async with app.test_app():
+            router = app.rep.router(app)
+            async with app.app_context():
+                with use_replica():  # starts the prober
+                    await app.who()
+            state = router.health.states["slave"]
+            deadline = time.monotonic() + 5
+            seen = False
+            for _ in range(200):  # bounded: writes until a check sees the delay as lag
+                if time.monotonic() > deadline:
+                    break
+                with primary.begin() as conn:
+                    conn.execute(sa.text("INSERT INTO items (name) VALUES ('lag')"))
+                await asyncio.sleep(0.1)
+                if state.lag_seconds > 0.05:
+                    seen = True
+                    async with app.app_context():
+                        with use_replica(max_lag=0.05):
+                            bounded = await app.who()
+                        with use_replica(max_lag=0):
+                            zero = await app.who()
+                    assert (bounded, zero) == ("primary", "primary")
+                    break
+            assert seen, "the delayed replica never showed a lag"
+            async with app.app_context():
+                with use_replica(max_lag=3600):
+                    assert await app.who() == "lagging"
+    finally:
+        primary.dispose()
+        await app.rep.dispose(app)
+
+
+def test_a_zero_bound_reads_from_a_replica_that_reports_no_lag(
+    postgresql_backend: Any, pg_cluster: Any
+) -> None:
+    import time
+
+    from support import dispose_flask_app, make_flask_app
+
+    app = make_flask_app(postgresql_backend, "replica", REPLICATED_CHECK_INTERVAL=0.02)
+    backend, db = app.backend, app.db
+    try:
+        with app.app_context():
+            router = app.extensions["replicated"].router(app)
+            with use_replica():  # starts the prober
+                backend.who(db.session)
+            db.session.remove()
+            pg_cluster.wait_for_replay()
+            state = router.health.states["slave"]
+            deadline = time.monotonic() + 5
+            while state.lag_seconds != 0 and time.monotonic() < deadline:  # bounded
+                time.sleep(0.02)
+            assert state.lag_seconds == 0, "the replica without delay kept reporting a lag"
+            with use_replica(max_lag=0):
+                assert backend.who(db.session) == "replica"
+            db.session.remove()
+    finally:
+        dispose_flask_app(app)
