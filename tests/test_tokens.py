@@ -317,10 +317,9 @@ async def _quart_job(app, token):
     not got yet)."""
     from quart_replicated import use_replica
 
-    async with app.app_context():
-        async with use_replica(after=token):
-            names = (await app.rep.session.scalars(sa.select(app.Item.name))).all()
-            return await app.who(), list(names)
+    async with app.app_context(), use_replica(after=token):
+        names = (await app.rep.session.scalars(sa.select(app.Item.name))).all()
+        return await app.who(), list(names)
 
 
 async def _quart_write(app, name):
