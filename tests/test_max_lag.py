@@ -96,3 +96,155 @@ async def test_quart_a_big_bound_reads_from_the_replica(postgresql_backend: Any)
         assert await text_of(response) == "replica replica"
     finally:
         await app.rep.dispose(app)
+
+
+async def test_quart_a_bound_the_delayed_replica_exceeds_reads_from_the_primary(
+    postgresql_backend: Any,
+) -> None:
+    import asyncio
+    import time
+
+    import sqlalchemy as sa
+    from support import make_quart_app
+
+    app = make_quart_app(postgresql_backend, "lagging", REPLICATED_CHECK_INTERVAL=0.02)
+    primary = sa.create_engine(postgresql_backend.url("primary"))
+    try:
+        async with app.test_app():
+            router = app.rep.router(app)
+            async with app.app_context():
+                with use_replica():  # starts the prober
+                    await app.who()
+            state = router.health.states["slave"]
+            deadline = time.monotonic() + 5
+            seen = False
+            for _ in range(200):  # bounded: writes until a check sees the delay as lag
+                if time.monotonic() > deadline:
+                    break
+                with primary.begin() as conn:
+                    conn.execute(sa.text("INSERT INTO items (name) VALUES ('lag')"))
+                await asyncio.sleep(0.1)
+                if state.lag_seconds > 0.05:
+                    seen = True
+                    async with app.app_context():
+                        with use_replica(max_lag=0.05):
+                            bounded = await app.who()
+                        with use_replica(max_lag=0):
+                            zero = await app.who()
+                    assert (bounded, zero) == ("primary", "primary")
+                    break
+            assert seen, "the delayed replica never showed a lag"
+            async with app.app_context():
+                with use_replica(max_lag=3600):
+                    assert await app.who() == "lagging"
+    finally:
+        primary.dispose()
+        await app.rep.dispose(app)
+
+
+def test_a_zero_bound_reads_from_a_replica_that_reports_no_lag(
+    postgresql_backend: Any, pg_cluster: Any
+) -> None:
+    import time
+
+    from support import dispose_flask_app, make_flask_app
+
+    app = make_flask_app(postgresql_backend, "replica", REPLICATED_CHECK_INTERVAL=0.02)
+    backend, db = app.backend, app.db
+    try:
+        with app.app_context():
+            router = app.extensions["replicated"].router(app)
+            with use_replica():  # starts the prober
+                backend.who(db.session)
+            db.session.remove()
+            pg_cluster.wait_for_replay()
+            state = router.health.states["slave"]
+            deadline = time.monotonic() + 5
+            while state.lag_seconds != 0 and time.monotonic() < deadline:  # bounded
+                time.sleep(0.02)
+            assert state.lag_seconds == 0, "the replica without delay kept reporting a lag"
+            with use_replica(max_lag=0):
+                assert backend.who(db.session) == "replica"
+            db.session.remove()
+    finally:
+        dispose_flask_app(app)
+
+
+def test_a_read_retried_in_a_bounded_block_never_goes_outside_the_bound(
+    postgresql_backend: Any,
+) -> None:
+    """The replica the block picked loses its connection (terminated on its server)
+    mid-block: the retried read goes to a node within the bound or the primary, never
+    to the delayed replica the bound excludes."""
+    import time
+
+    import sqlalchemy as sa
+    from support import dispose_flask_app, make_flask_app
+
+    app = make_flask_app(postgresql_backend, ["replica", "lagging"], REPLICATED_CHECK_INTERVAL=0.02)
+    backend, db = app.backend, app.db
+    killer = sa.create_engine(postgresql_backend.url("replica"))
+    try:
+        with app.app_context():
+            router = app.extensions["replicated"].router(app)
+            with use_replica():  # starts the prober
+                backend.who(db.session)
+            db.session.remove()
+            lagging, replica = router.health.states["lagging"], router.health.states["replica"]
+            deadline = time.monotonic() + 5
+            for _ in range(200):  # bounded: writes until a check sees the delay as lag
+                if time.monotonic() > deadline:
+                    break
+                with db.engine.begin() as conn:
+                    conn.execute(sa.text("INSERT INTO items (name) VALUES ('lag')"))
+                time.sleep(0.1)
+                if lagging.lag_seconds > 0.2 and replica.lag_seconds < 0.05:
+                    break
+            assert (lagging.lag_seconds > 0.2, replica.lag_seconds < 0.05) == (True, True)
+            # Up to 5 tries (bounded): the block's next transaction may check out another
+            # idle connection of the pool than the one terminated, and then needs no retry.
+            seen: list[tuple[str, str, bool]] = []
+            for _ in range(5):
+                before = router.metrics().get("retries", 0)
+                with use_replica(max_lag=0.1):
+                    first = backend.who(db.session)
+                    pid = db.session.scalar(sa.text("SELECT pg_backend_pid()"))
+                    # The block's next transaction starts on a pooled connection, which
+                    # (if it is that one) dies under it at its first statement.
+                    db.session.commit()
+                    _terminate(killer, pid)
+                    retried = backend.who(db.session)
+                db.session.remove()
+                seen.append((first, retried, router.metrics().get("retries", 0) > before))
+                if seen[-1][2]:
+                    break
+        # The failed replica is left out of the retry, and the delayed one is outside
+        # the bound: the primary is the one node left. Without a retry, the read stayed
+        # on the replica within the bound.
+        assert [
+            s
+            for s in seen
+            if s not in {("replica", "primary", True), ("replica", "replica", False)}
+        ] == []
+        assert seen[-1] == ("replica", "primary", True), seen
+    finally:
+        killer.dispose()
+        dispose_flask_app(app)
+
+
+def _terminate(killer: Any, pid: int) -> None:
+    """End the backend ``pid`` on the replica ``killer`` connects to, and wait (bounded)
+    until it has exited."""
+    import time
+
+    import sqlalchemy as sa
+
+    with killer.begin() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    gone = "SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        with killer.connect() as conn:
+            if conn.execute(sa.text(gone), {"pid": pid}).scalar() == 0:
+                return
+        time.sleep(0.01)

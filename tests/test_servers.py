@@ -49,6 +49,7 @@ REQUEST_TIMEOUT = 15.0
 WORKER_TIMEOUT = 10
 START_TIMEOUT = 60.0
 COOKIE = "replicated_sticky"
+TOKEN_HEADER = "Replicated-Token"  # the default REPLICATED_TOKEN_HEADER
 CLOSE = {"Connection": "close"}
 REPLICAS = ["r1", "r2", "lagging"]
 PAUSED = "r1"
@@ -451,6 +452,93 @@ def test_post_then_get_reads_own_write(server, servers_cluster, reliability):
         "GETs sent without the sticky cookie": 0,
     }
     assert found == expected, (figures, errors[:5], wrong[:3])
+
+
+def test_header_only_clients_read_own_write(server, servers_cluster, reliability):
+    """20 API clients that keep no cookies POST a row, then GET it sending back only the
+    consistency token the POST's response carried: never a miss."""
+    deadline = time.monotonic() + PHASE_CAP
+
+    def client_loop(number: int) -> list[tuple[str, Sample, Sample | None, str | None]]:
+        pairs: list[tuple[str, Sample, Sample | None, str | None]] = []
+        with _client(server) as client:
+            for sent in range(PAIRS):
+                if time.monotonic() > deadline:
+                    break
+                token = f"{number}-{sent}-{uuid.uuid4().hex}"
+                post, header = _send_keeping_header(client, "POST", "/items", data={"token": token})
+                item_id = (post.body or {}).get("id")
+                if post.error is not None or not isinstance(item_id, int):
+                    pairs.append((token, post, None, header))
+                    continue
+                headers = {TOKEN_HEADER: header} if header is not None else {}
+                get, _ = _send_keeping_header(client, "GET", f"/items/{item_id}", headers=headers)
+                pairs.append((token, post, get, header))
+        return pairs
+
+    pairs = _in_threads(CLIENTS, client_loop)
+    errors = []
+    for _, post, get, _ in pairs:
+        if post.error is not None or get is None:
+            errors.append(post.error or f"POST /items answered {post.body!r}, without an id")
+        elif get.error is not None:
+            errors.append(get.error)
+    gets = [(token, get) for token, _, get, _ in pairs if get is not None and get.error is None]
+    stale = [get for _, get in gets if get.status == 404]
+    wrong = [get.body for token, get in gets if get.status == 200 and get.body["token"] != token]
+    nodes = Counter(_node(servers_cluster, get) for _, get in gets if get.status == 200)
+    ends = [(get or post).end for _, post, get, _ in pairs]
+    elapsed = max(ends) - min(post.start for _, post, _, _ in pairs) if pairs else 0.0
+    figures = {
+        "pairs": len(pairs),
+        "errors": len(errors),
+        "stale": len(stale),
+        "wrong answers": len(wrong),
+        "GETs served by": dict(sorted(nodes.items(), key=lambda kv: str(kv[0]))),
+        "pairs/s": round(len(pairs) / elapsed, 1) if elapsed > 0 else None,
+    }
+    reliability(f"{server.model.name}: header-only POST then GET", figures)
+    found = {
+        "pairs": len(pairs),
+        "errors": len(errors),
+        "stale": len(stale),
+        "wrong answers": len(wrong),
+        "POSTs answered without the token header": sum(h is None for _, _, _, h in pairs),
+        "requests sent with a cookie": sum(
+            s.had_cookie for _, post, get, _ in pairs for s in (post, get) if s is not None
+        ),
+    }
+    expected = {
+        "pairs": CLIENTS * PAIRS,
+        "errors": 0,
+        "stale": 0,
+        "wrong answers": 0,
+        "POSTs answered without the token header": 0,
+        "requests sent with a cookie": 0,
+    }
+    assert found == expected, (figures, errors[:5], wrong[:3])
+
+
+def _send_keeping_header(
+    client: httpx.Client, method: str, path: str, **kwargs: Any
+) -> tuple[Sample, str | None]:
+    """``_send`` for a client that keeps no cookies: the request must carry no Cookie
+    header, and whatever the response set is dropped; also the token header it carried."""
+    seen: dict[str, str | None] = {}
+
+    def check(request: httpx.Request) -> None:
+        seen["cookie"] = request.headers.get("cookie")
+
+    def keep(response: httpx.Response) -> None:
+        seen["token"] = response.headers.get(TOKEN_HEADER)
+
+    client.event_hooks = {"request": [check], "response": [keep]}
+    try:
+        sample = _send(client, method, path, **kwargs)
+    finally:
+        client.cookies.clear()
+    sample.had_cookie = seen.get("cookie") is not None
+    return sample, seen.get("token")
 
 
 def test_replica_pause(server, servers_cluster, reliability):

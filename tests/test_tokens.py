@@ -307,3 +307,48 @@ async def test_quart_a_job_reads_what_was_committed(quart_app):
             await asyncio.sleep(0.02)
         node, names = await job(token)
     assert (node, name in names) == ("lagging", True)
+
+
+async def _quart_job(app, token):
+    """A job outside a request: which node served ``use_replica(after=token)``, and the
+    names. ``async with``: the Quart form that waits (briefly) for a replica to replay
+    the token when the cached positions have none that has (a plain ``with`` decides
+    on the cached positions alone, which a job that is its process's first reader has
+    not got yet)."""
+    from quart_replicated import use_replica
+
+    async with app.app_context(), use_replica(after=token):
+        names = (await app.rep.session.scalars(sa.select(app.Item.name))).all()
+        return await app.who(), list(names)
+
+
+async def _quart_write(app, name):
+    async with app.app_context():
+        app.rep.session.add(app.Item(name=name))
+        await app.rep.session.commit()
+        return await app.rep.consistency_token()
+
+
+async def test_quart_a_job_after_a_replayed_token_reads_the_caught_up_replica(
+    postgresql_backend, pg_cluster
+):
+    app = make_quart_app(postgresql_backend, replica="replica")
+    name = f"quart-caught-up-{time.time()}"
+    try:
+        async with app.test_app():
+            token = await _quart_write(app, name)
+            await asyncio.to_thread(pg_cluster.wait_for_replay)  # 'replica' has replayed it
+            node, names = await _quart_job(app, token)
+    finally:
+        await app.rep.dispose(app)
+    assert (node, name in names) == ("replica", True)
+
+
+async def test_quart_a_job_after_a_token_the_delayed_replica_lacks_reads_the_primary(quart_app):
+    name = f"quart-not-replayed-{time.time()}"
+    async with quart_app.test_app():
+        token = await _quart_write(quart_app, name)
+        node, names = await _quart_job(quart_app, token)  # well within the 500 ms delay
+        assert (node, name in names) == ("primary", True)
+        node, _ = await _quart_job(quart_app, _forged(quart_app, FAR))  # never replayed
+    assert node == "primary"
