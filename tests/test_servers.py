@@ -71,6 +71,8 @@ APP_CONFIG = {"REPLICATED_CONNECT_TIMEOUT": 1, "REPLICATED_REPLICA_DOWNTIME": 1}
 # below it (see test_replica_pause) and the exact ratio is printed.
 TARGET_RATIO = 0.5
 FLOOR_RATIO = 0.10
+# A writer's next read served by a replica (issue 14, requirement 4).
+TARGET_SHARE = 0.98
 
 
 # -- the cluster --------------------------------------------------------------------
@@ -328,6 +330,12 @@ def _node(cluster: Cluster, sample: Sample) -> str | None:
     return cluster.names.get(sample.body["port"], f"port {sample.body['port']}")
 
 
+def _replica_share(served: Counter[str | None]) -> float:
+    """The share of ``served`` (GETs by node) that r1 and r2, the fast replicas, served."""
+    total = sum(served.values())
+    return (served["r1"] + served["r2"]) / total if total else 0.0
+
+
 def _share(counts: Counter[str], total: int) -> dict[str, str]:
     return {name: f"{counts[name] / total:.0%}" for name in sorted(counts)} if total else {}
 
@@ -442,6 +450,10 @@ def test_post_then_get_reads_own_write(server, servers_cluster, reliability):
         "errors": len(errors),
         "stale": len(stale),
         "wrong answers": len(wrong),
+        # Requirement 4 of issue 14: r1 and r2 replay within milliseconds, so the
+        # short wait puts a writer's next read on one of them (the target is 98%).
+        "a caught-up replica served at least 98% of the GETs": _replica_share(nodes)
+        >= TARGET_SHARE,
         "GETs sent without the sticky cookie": sum(not get.had_cookie for _, get in gets),
     }
     expected = {
@@ -449,6 +461,7 @@ def test_post_then_get_reads_own_write(server, servers_cluster, reliability):
         "errors": 0,
         "stale": 0,
         "wrong answers": 0,
+        "a caught-up replica served at least 98% of the GETs": True,
         "GETs sent without the sticky cookie": 0,
     }
     assert found == expected, (figures, errors[:5], wrong[:3])
@@ -503,6 +516,10 @@ def test_header_only_clients_read_own_write(server, servers_cluster, reliability
         "errors": len(errors),
         "stale": len(stale),
         "wrong answers": len(wrong),
+        # Requirement 4 of issue 14: r1 and r2 replay within milliseconds, so the
+        # short wait puts a writer's next read on one of them (the target is 98%).
+        "a caught-up replica served at least 98% of the GETs": _replica_share(nodes)
+        >= TARGET_SHARE,
         "POSTs answered without the token header": sum(h is None for _, _, _, h in pairs),
         "requests sent with a cookie": sum(
             s.had_cookie for _, post, get, _ in pairs for s in (post, get) if s is not None
@@ -513,6 +530,7 @@ def test_header_only_clients_read_own_write(server, servers_cluster, reliability
         "errors": 0,
         "stale": 0,
         "wrong answers": 0,
+        "a caught-up replica served at least 98% of the GETs": True,
         "POSTs answered without the token header": 0,
         "requests sent with a cookie": 0,
     }
