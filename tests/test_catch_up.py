@@ -161,6 +161,28 @@ def test_flask_concurrent_readers_of_one_write_share_one_check(flask_factory: An
     assert rep.counters(app)["catch_up_checks"] - before == 1
 
 
+async def test_quart_concurrent_readers_of_one_write_share_one_check(quart_factory: Any) -> None:
+    app = quart_factory("lagging", REPLICATED_CATCH_UP_TIMEOUT=3, REPLICATED_CHECK_INTERVAL=30)
+    client = app.test_client()
+    await client.get("/items")
+    name = uuid.uuid4().hex
+    posted = await client.post("/items", form={"name": name})
+    token = posted.headers["Replicated-Token"]
+    before = app.rep.counters(app).get("catch_up_checks", 0)
+
+    async def reader() -> tuple[str, bool]:
+        # Each its own client, with the token in the header: no cookies shared.
+        body = await (
+            await app.test_client().get("/items", headers={"Replicated-Token": token})
+        ).get_json()
+        return body["node"], name in body["names"]
+
+    results = await asyncio.gather(*(reader() for _ in range(8)))
+    assert app.errors == []
+    assert sorted(results) == [("lagging", True)] * 8
+    assert app.rep.counters(app)["catch_up_checks"] - before == 1
+
+
 def test_flask_a_job_token_waits_for_the_replica(flask_factory: Any) -> None:
     app = flask_factory("lagging", REPLICATED_CATCH_UP_TIMEOUT=3)
     rep = app.extensions["replicated"]
