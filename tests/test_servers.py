@@ -340,6 +340,54 @@ def _share(counts: Counter[str], total: int) -> dict[str, str]:
     return {name: f"{counts[name] / total:.0%}" for name in sorted(counts)} if total else {}
 
 
+def _pair_outcome(
+    cluster: Cluster, pairs: list[tuple[str, Sample, Sample | None]]
+) -> tuple[dict[str, Any], dict[str, Any], list[str], list[Any], list[tuple[str, Sample]]]:
+    """What POST-then-GET pairs found: the figures to print, the checks every such test
+    makes (to compare with ``PAIR_CHECKS``), the errors, the wrong answers, the GETs."""
+    errors = []
+    for _, post, get in pairs:
+        if post.error is not None or get is None:
+            errors.append(post.error or f"POST /items answered {post.body!r}, without an id")
+        elif get.error is not None:
+            errors.append(get.error)
+    gets = [(token, get) for token, _, get in pairs if get is not None and get.error is None]
+    stale = [get for _, get in gets if get.status == 404]
+    # Answers that crossed between workers or requests: a row, but not this client's.
+    wrong = [get.body for token, get in gets if get.status == 200 and get.body["token"] != token]
+    nodes = Counter(_node(cluster, get) for _, get in gets if get.status == 200)
+    ends = [(get or post).end for _, post, get in pairs]
+    elapsed = max(ends) - min(post.start for _, post, _ in pairs) if pairs else 0.0
+    figures = {
+        "pairs": len(pairs),
+        "errors": len(errors),
+        "stale": len(stale),
+        "wrong answers": len(wrong),
+        "GETs served by": dict(sorted(nodes.items(), key=lambda kv: str(kv[0]))),
+        "pairs/s": round(len(pairs) / elapsed, 1) if elapsed > 0 else None,
+    }
+    checks = {
+        "pairs": len(pairs),
+        "errors": len(errors),
+        "stale": len(stale),
+        "wrong answers": len(wrong),
+        # Requirement 4 of issue 14: r1 and r2 replay within milliseconds, so the
+        # short wait puts a writer's next read on one of them (the target is 98%).
+        "a caught-up replica served at least 98% of the GETs": _replica_share(nodes)
+        >= TARGET_SHARE,
+    }
+    return figures, checks, errors, wrong, gets
+
+
+PAIR_CHECKS = {
+    "pairs": CLIENTS * PAIRS,
+    "errors": 0,
+    "stale": 0,
+    "wrong answers": 0,
+    "a caught-up replica served at least 98% of the GETs": True,
+}
+
+
 # -- the tests ----------------------------------------------------------------------
 
 
@@ -423,47 +471,10 @@ def test_post_then_get_reads_own_write(server, servers_cluster, reliability):
         return pairs
 
     pairs = _in_threads(CLIENTS, client_loop)
-    errors = []
-    for _, post, get in pairs:
-        if post.error is not None or get is None:
-            errors.append(post.error or f"POST /items answered {post.body!r}, without an id")
-        elif get.error is not None:
-            errors.append(get.error)
-    gets = [(token, get) for token, _, get in pairs if get is not None and get.error is None]
-    stale = [get for _, get in gets if get.status == 404]
-    # Answers that crossed between workers or requests: a row, but not this client's.
-    wrong = [get.body for token, get in gets if get.status == 200 and get.body["token"] != token]
-    nodes = Counter(_node(servers_cluster, get) for _, get in gets if get.status == 200)
-    ends = [(get or post).end for _, post, get in pairs]
-    elapsed = max(ends) - min(post.start for _, post, _ in pairs) if pairs else 0.0
-    figures = {
-        "pairs": len(pairs),
-        "errors": len(errors),
-        "stale": len(stale),
-        "wrong answers": len(wrong),
-        "GETs served by": dict(sorted(nodes.items(), key=lambda kv: str(kv[0]))),
-        "pairs/s": round(len(pairs) / elapsed, 1) if elapsed > 0 else None,
-    }
+    figures, found, errors, wrong, gets = _pair_outcome(servers_cluster, pairs)
     reliability(f"{server.model.name}: POST then GET", figures)
-    found = {
-        "pairs": len(pairs),
-        "errors": len(errors),
-        "stale": len(stale),
-        "wrong answers": len(wrong),
-        # Requirement 4 of issue 14: r1 and r2 replay within milliseconds, so the
-        # short wait puts a writer's next read on one of them (the target is 98%).
-        "a caught-up replica served at least 98% of the GETs": _replica_share(nodes)
-        >= TARGET_SHARE,
-        "GETs sent without the sticky cookie": sum(not get.had_cookie for _, get in gets),
-    }
-    expected = {
-        "pairs": CLIENTS * PAIRS,
-        "errors": 0,
-        "stale": 0,
-        "wrong answers": 0,
-        "a caught-up replica served at least 98% of the GETs": True,
-        "GETs sent without the sticky cookie": 0,
-    }
+    found["GETs sent without the sticky cookie"] = sum(not get.had_cookie for _, get in gets)
+    expected = {**PAIR_CHECKS, "GETs sent without the sticky cookie": 0}
     assert found == expected, (figures, errors[:5], wrong[:3])
 
 
@@ -490,47 +501,16 @@ def test_header_only_clients_read_own_write(server, servers_cluster, reliability
         return pairs
 
     pairs = _in_threads(CLIENTS, client_loop)
-    errors = []
-    for _, post, get, _ in pairs:
-        if post.error is not None or get is None:
-            errors.append(post.error or f"POST /items answered {post.body!r}, without an id")
-        elif get.error is not None:
-            errors.append(get.error)
-    gets = [(token, get) for token, _, get, _ in pairs if get is not None and get.error is None]
-    stale = [get for _, get in gets if get.status == 404]
-    wrong = [get.body for token, get in gets if get.status == 200 and get.body["token"] != token]
-    nodes = Counter(_node(servers_cluster, get) for _, get in gets if get.status == 200)
-    ends = [(get or post).end for _, post, get, _ in pairs]
-    elapsed = max(ends) - min(post.start for _, post, _, _ in pairs) if pairs else 0.0
-    figures = {
-        "pairs": len(pairs),
-        "errors": len(errors),
-        "stale": len(stale),
-        "wrong answers": len(wrong),
-        "GETs served by": dict(sorted(nodes.items(), key=lambda kv: str(kv[0]))),
-        "pairs/s": round(len(pairs) / elapsed, 1) if elapsed > 0 else None,
-    }
+    figures, found, errors, wrong, _ = _pair_outcome(
+        servers_cluster, [(token, post, get) for token, post, get, _ in pairs]
+    )
     reliability(f"{server.model.name}: header-only POST then GET", figures)
-    found = {
-        "pairs": len(pairs),
-        "errors": len(errors),
-        "stale": len(stale),
-        "wrong answers": len(wrong),
-        # Requirement 4 of issue 14: r1 and r2 replay within milliseconds, so the
-        # short wait puts a writer's next read on one of them (the target is 98%).
-        "a caught-up replica served at least 98% of the GETs": _replica_share(nodes)
-        >= TARGET_SHARE,
-        "POSTs answered without the token header": sum(h is None for _, _, _, h in pairs),
-        "requests sent with a cookie": sum(
-            s.had_cookie for _, post, get, _ in pairs for s in (post, get) if s is not None
-        ),
-    }
+    found["POSTs answered without the token header"] = sum(h is None for _, _, _, h in pairs)
+    found["requests sent with a cookie"] = sum(
+        s.had_cookie for _, post, get, _ in pairs for s in (post, get) if s is not None
+    )
     expected = {
-        "pairs": CLIENTS * PAIRS,
-        "errors": 0,
-        "stale": 0,
-        "wrong answers": 0,
-        "a caught-up replica served at least 98% of the GETs": True,
+        **PAIR_CHECKS,
         "POSTs answered without the token header": 0,
         "requests sent with a cookie": 0,
     }
