@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import dispose_flask_app, make_flask_app, make_quart_app, text_of
 
+from replicated_core import use_replica
 from replicated_core.config import ConfigError, load_config
 from replicated_core.sticky import StickyCodec, StickyToken, cluster_tag, token_salt
 
@@ -352,3 +353,47 @@ async def test_quart_a_job_after_a_token_the_delayed_replica_lacks_reads_the_pri
         assert (node, name in names) == ("primary", True)
         node, _ = await _quart_job(quart_app, _forged(quart_app, FAR))  # never replayed
     assert node == "primary"
+
+
+def _garbled_tokens(count: int) -> list[str]:
+    """Token-shaped and random header values, the same every run."""
+    import random
+    import string
+
+    rng = random.Random(14)
+    alphabet = string.ascii_letters + string.digits + "-_.~!*"
+    values = ["", ".", "....", "a.b.c.d", "-.t.Z0X1YQ.YmFkc2ln", "x" * 300, "0" * 201]
+    while len(values) < count:
+        values.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 120))))
+    return values
+
+
+async def test_quart_answers_every_token_header(quart_app):
+    # As the Flask test above (hypothesis there), for Quart: never an error; a token
+    # that does not check reads as no token (the replica serves the read).
+    async with quart_app.test_app():
+        client = quart_app.test_client()
+        answers = set()
+        for value in _garbled_tokens(60):
+            response = await client.get("/who", headers={TOKEN: value})
+            answers.add((response.status_code, await text_of(response)))
+    assert quart_app.errors == []
+    assert answers == {(200, "lagging")}
+
+
+def test_flask_use_replica_after_a_garbled_token_reads_on_the_primary(flask_app):
+    who = set()
+    with flask_app.app_context():
+        for value in _garbled_tokens(30):
+            with use_replica(after=value):
+                who.add(flask_app.backend.who(flask_app.db.session))
+            flask_app.db.session.remove()
+    assert who == {"primary"}
+
+
+async def test_quart_use_replica_after_a_garbled_token_reads_on_the_primary(quart_app):
+    who = set()
+    for value in _garbled_tokens(30):
+        async with quart_app.app_context(), use_replica(after=value):
+            who.add(await quart_app.who())
+    assert who == {"primary"}
