@@ -467,3 +467,32 @@ def test_status_shows_the_weights(postgresql_backend):
         "replica": 2.5,
         "lagging": 0.0,
     }
+
+
+# -- the spread itself ----------------------------------------------------------------
+
+
+def test_least_lag_keeps_the_replicas_within_the_tolerance_and_weighs_them():
+    """Lags 0, 0.05 and 0.5 s with a tolerance of 0.1 s: the first two share the read
+    by weight (3 and 1: cumulative 3, 4); all weights 0 leave nothing (the primary).
+    Seen failing with the tolerance left out: only 'a' was kept."""
+    from replicated_core.nodes import Node, Role
+    from replicated_core.rules import ReplicaView
+    from replicated_core.weights import Spread
+
+    engine = sa.create_engine("sqlite://")
+    a, b, c = (Node(name, Role.REPLICA, engine) for name in "abc")
+    views = [
+        ReplicaView(a, True, 1, 0.0),
+        ReplicaView(b, True, 1, 0.05),
+        ReplicaView(c, True, 1, 0.5),
+    ]
+    spread = Spread([a, b, c], {"a": 3, "b": 1, "c": 5}, least_lag=True, tolerance=0.1)
+    assert spread.narrow([a, b, c], lambda n: n, views) == ([a, b], (3.0, 4.0))
+    even = Spread([a, b, c], {}, least_lag=True, tolerance=0.1)
+    assert even.narrow([c, b, a], lambda n: n, views) == ([b, a], None)
+    out = Spread([a, b, c], {"a": 0, "b": 0})
+    assert out.narrow([a, b], lambda n: n, views) == ([], None)
+    assert out.narrow([a], lambda n: n, views) == ((), None)
+    assert [v.node for v in out.in_rotation(views)] == [c]
+    engine.dispose()
