@@ -326,6 +326,24 @@ async def test_quart_reads_follow_the_weights(postgresql_backend):
     assert _off_by_more_than_the_bound(spread, WEIGHTS) == [], spread
 
 
+async def test_quart_weight_zero_keeps_a_replica_out_of_rotation(postgresql_backend):
+    """'lagging' weighs 0: none of 300 cookie-less GETs reads from it. Seen failing with
+    weight-0 replicas kept in rotation: about half went there."""
+    app = make_quart_app(
+        postgresql_backend,
+        replica=["replica", "lagging"],
+        REPLICATED_REPLICA_WEIGHTS={"replica": 1, "lagging": 0},
+    )
+    served: Counter[str] = Counter()
+    try:
+        for _ in range(300):
+            response = await app.test_client().get("/who")
+            served[response.headers["X-Who"]] += 1
+    finally:
+        await app.rep.dispose(app)
+    assert dict(served) == {"replica": 300}
+
+
 # -- gunicorn, 4 forked sync workers --------------------------------------------------
 
 
