@@ -58,6 +58,8 @@ DEFAULTS: Mapping[str, object] = {
     "REPLICATED_DEBUG_HEADER": None,
     "REPLICATED_TOKEN_HEADER": "Replicated-Token",
     "REPLICATED_CATCH_UP_TIMEOUT": 0.1,
+    "REPLICATED_REPLICA_WEIGHTS": None,
+    "REPLICATED_PREFER_LEAST_LAG": False,
 }
 
 # RFC 6265 cookie-name token: visible ASCII except separators.
@@ -101,6 +103,15 @@ class ReplicatedConfig:
     # the primary serves it; 0: no wait.
     catch_up_timeout: float = 0.1
     replicas: tuple[ReplicaURL, ...] = ()
+    # Each replica's share of reads, by replica name; a replica not named weighs 1,
+    # one that weighs 0 takes none (out of rotation).
+    replica_weights: Mapping[str, float] = field(default_factory=dict)
+    # Of the replicas that may serve a read, only the least lagging take it.
+    prefer_least_lag: bool = False
+
+    def replica_weight(self, name: str) -> float:
+        """The weight of the replica called ``name`` (1 unless configured)."""
+        return self.replica_weights.get(name, 1.0)
 
     def sticky_ttl(self, mode: StickyMode) -> float:
         """Seconds a client stays sticky after a write in ``mode`` (a resolved mode)."""
@@ -179,6 +190,11 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
         catch_up_timeout=_seconds(
             "REPLICATED_CATCH_UP_TIMEOUT", value["REPLICATED_CATCH_UP_TIMEOUT"], zero=True
         ),
+        replica_weights=_weights(
+            value["REPLICATED_REPLICA_WEIGHTS"],
+            [spec.name for spec in replicas] if replicas else list(replica_binds),
+        ),
+        prefer_least_lag=_bool("REPLICATED_PREFER_LEAST_LAG", value),
     )
 
 
@@ -308,6 +324,41 @@ def _names(key: str, value: object) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ConfigError(f"'{key}' names a bind twice: {_shown(list(names))}.")
     return names
+
+
+def _weights(value: object, names: list[str]) -> dict[str, float]:
+    # ``names``: the replicas, by bind name or by their name in REPLICATED_REPLICAS.
+    key = "REPLICATED_REPLICA_WEIGHTS"
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"'{key}' must be a dict of replica names to weights, such as "
+            f"{{'replica1': 3, 'replica2': 1}}, got {_shown(value)}."
+        )
+    weights: dict[str, float] = {}
+    for name, weight in value.items():
+        if name not in names:
+            known = ", ".join(repr(n) for n in names)
+            raise ConfigError(
+                f"'{key}' names {_shown(name)}, which is not a replica. The replicas are: {known}."
+            )
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+            or not math.isfinite(weight)
+            or weight < 0
+        ):
+            raise ConfigError(
+                f"'{key}['{name}']' must be zero or a positive number, got {_shown(weight)}."
+            )
+        weights[name] = float(weight)
+    if all(weights.get(name, 1.0) == 0 for name in names):
+        raise ConfigError(
+            f"'{key}' gives every replica the weight 0, so no replica would serve reads. "
+            "Give at least one a positive weight (0 keeps a replica out of rotation)."
+        )
+    return weights
 
 
 def _methods(value: object) -> frozenset[str]:

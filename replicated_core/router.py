@@ -33,6 +33,7 @@ from .rules import Decision, Reason, decide
 from .scope import Requests
 from .statements import StatementKind, classify_sql
 from .sticky import StickyToken, cluster_tag
+from .weights import Spread
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -127,6 +128,13 @@ class Router:
                 "keep clients on the primary after their writes."
             )
         self._random = random.Random()
+        # How reads spread over the replicas: weights, and the least-lag preference.
+        self.spread = Spread(
+            self.replicas,
+            config.replica_weights,
+            least_lag=config.prefer_least_lag,
+            tolerance=config.check_interval,
+        )
         # The codec that reads cookies: None when there is none or sticky mode is off.
         self._codec_in_use = codec if self._sticky_mode is not StickyMode.OFF else None
         self.requests = Requests(
@@ -140,6 +148,7 @@ class Router:
             self._sticky_ttl,
             self._choose,
             self.backend.format_position,
+            self.spread,
         )
         self.requests.catch_up = self.catch_up
         self._warned_late_commit = False
@@ -306,23 +315,34 @@ class Router:
         ``failed`` failed, to none of them."""
         self.counters.add("retries")
         last = failed[-1]
-        views = [v for v in self.health.views() if v.node not in failed]
+        views = [v for v in self.spread.in_rotation(self.health.views()) if v.node not in failed]
         override = current_override()
         if override is not None and override.node is last:
             bound = override.max_lag
             usable = [
                 v.node for v in views if v.usable and (bound is None or v.lag_seconds <= bound)
             ]
-            override.node = self._choose(usable) if usable else self.primary
+            override.node = self._pick(usable, views)
         scope = self.requests.scope()
         if scope is not None and scope.decision.node is last:
-            again = self._choose(decide(scope.facts, scope.sticky, self.primary, views))
+            choices = decide(scope.facts, scope.sticky, self.primary, views)
+            again = self._choose(*self.spread.narrow(choices, _node_of, views))
             scope.decision = Decision(again.node, Reason.FAILOVER, again.drop_cookie)
 
-    def _choose(self, choices: Sequence[T]) -> T:
+    def _choose(self, choices: Sequence[T], cumulative: Sequence[float] | None = None) -> T:
         # Random rather than round-robin: no counter shared between threads, and many
-        # worker processes spread evenly without coordinating.
-        return choices[0] if len(choices) == 1 else self._random.choice(choices)
+        # worker processes spread evenly (or by weight) without coordinating.
+        if len(choices) == 1:
+            return choices[0]
+        if cumulative is None:
+            return self._random.choice(choices)
+        return self._random.choices(choices, cum_weights=cumulative)[0]
+
+    def _pick(self, nodes: Sequence[Node], views: Sequence[ReplicaView]) -> Node:
+        # One of ``nodes``, replicas that may serve the read, by weight (and lag, if
+        # preferred); the primary when there is none, or all of them weigh 0.
+        kept, cumulative = self.spread.narrow(nodes, _itself, views)
+        return self._choose(kept, cumulative) if kept else self.primary
 
     def token_for(self, position: Position | None) -> str:
         """A consistency token for ``position`` (the primary's, after the writes it must
@@ -353,14 +373,16 @@ class Router:
         lsn = token.lsn
         override = override_var.get()
         bound = override.max_lag if override is not None else None  # both may be given
-        views = self.health.views()
+        in_rotation = self.spread.in_rotation
+        views = in_rotation(self.health.views())
         caught_up = _caught_up(views, lsn, bound)
         catch_up = self.catch_up
         if not caught_up and catch_up is not None and catch_up.blocks:
             node = catch_up.pick(lsn, views, bound)
             if node is not None and catch_up.wait(node, lsn):
-                caught_up = _caught_up(self.health.views(), lsn, bound)
-        return self._choose(caught_up) if caught_up else self.primary
+                views = in_rotation(self.health.views())
+                caught_up = _caught_up(views, lsn, bound)
+        return self._pick(caught_up, views)
 
     async def await_token(self, value: str, max_lag: float | None = None) -> None:
         """Before an ``async with use_replica(after=value)`` block: wait, awaited, for
@@ -376,7 +398,7 @@ class Router:
         prober = self._prober
         if isinstance(prober, TaskProber):
             await prober.ensure()  # a job may be the first reader of the process
-        views = self.health.views()
+        views = self.spread.in_rotation(self.health.views())
         if _caught_up(views, token.lsn, max_lag):
             return
         node = catch_up.pick(token.lsn, views, max_lag)
@@ -392,14 +414,13 @@ class Router:
         if scope is None and prober is not None:
             # A job outside requests may be the first reader of the process.
             prober.ensure_started()
-        views = self.health.views()
+        views = self.spread.in_rotation(self.health.views())
         if bound is None:
-            usable = [view.node for view in views if view.usable]
-            return self._choose(usable) if usable else self.primary
+            return self._pick([view.node for view in views if view.usable], views)
         within = [v.node for v in views if v.usable and v.lag_seconds <= bound]
         if scope is not None and scope.decision.node in within:
             return scope.decision.node  # the request's replica, if it is within the bound
-        return self._choose(within) if within else self.primary
+        return self._pick(within, views)
 
     # -- guards ------------------------------------------------------------------
 
@@ -525,6 +546,14 @@ class Router:
                 self._entries[node.name].add(entry)
 
         return remember
+
+
+def _itself(node: Node) -> Node:
+    return node
+
+
+def _node_of(decision: Decision) -> Node:
+    return decision.node
 
 
 def _caught_up(views: Sequence[ReplicaView], lsn: Position, bound: float | None) -> list[Node]:

@@ -29,11 +29,17 @@ if TYPE_CHECKING:
     from .prober import ThreadProber
     from .rules import ReplicaView
     from .sticky import StickyCodec
+    from .weights import Spread
 
     # What ``decide()`` answered from these views: the candidates (and the only one,
-    # if so), and the counter names of a request that takes one of them.
+    # if so), their cumulative weights (None: even), and the counter names of a
+    # request that takes one of them.
     _Known: TypeAlias = tuple[
-        Sequence[ReplicaView], Decision | None, tuple[Decision, ...], tuple[str, ...]
+        Sequence[ReplicaView],
+        Decision | None,
+        Sequence[Decision],
+        tuple[float, ...] | None,
+        tuple[str, ...],
     ]
 
 __all__ = ["RequestScope", "Requests"]
@@ -140,7 +146,9 @@ class Requests:
     and the sticky cookie a response sets or deletes.
 
     ``owner`` is the router whose scopes these are; ``choose`` picks one of the
-    candidate decisions ``decide()`` returns.
+    candidate decisions ``decide()`` returns, given their cumulative weights (None:
+    evenly); ``spread`` says which replicas are in rotation and which candidates
+    take reads.
     """
 
     def __init__(
@@ -153,8 +161,9 @@ class Requests:
         codec: StickyCodec | None,
         sticky_mode: StickyMode,
         sticky_ttl: float,
-        choose: Callable[[Sequence[Decision]], Decision],
+        choose: Callable[[Sequence[Decision], tuple[float, ...] | None], Decision],
         show_position: Callable[[Position], str],
+        spread: Spread,
     ) -> None:
         self._owner = owner
         self._show_position = show_position  # for the debug log
@@ -163,6 +172,7 @@ class Requests:
         self._health = health
         self._counters = counters
         self._choose = choose
+        self._spread = spread
         self._sticky_ttl = sticky_ttl
         self._max_age = math.ceil(sticky_ttl)
         # The codec that reads cookies: None when there is none or sticky mode is off.
@@ -179,7 +189,7 @@ class Requests:
         # What ``decide()`` answered for a request without a cookie or with a time-mode
         # one, by ``kind | _TIME_COOKIE``: nothing else in such a request changes the
         # answer, as long as the health registry hands out the same views.
-        self._memo: list[_Known] = [((), None, (), ())] * 16
+        self._memo: list[_Known] = [((), None, (), None, ())] * 16
         self._not_routed = Decision(primary, Reason.NOT_ROUTED)
         self._settling = threading.Lock()
         # The last time-mode cookie: its second, path and Secure flag, and itself.
@@ -281,8 +291,8 @@ class Requests:
             known = self._memo[index]
             if known[0] is not views:
                 known = self._memo[index] = self._candidates(facts, sticky, views)
-        _, only, choices, counted = known
-        decision = only or self._choose(choices)
+        _, only, choices, cumulative, counted = known
+        decision = only or self._choose(choices, cumulative)
         # Threads or tasks sharing the request's context may ask at once: the first
         # to get here decides for all (one replica per request). acquire() and release()
         # rather than ``with``: measured by ./dev bench instructions, about 1,000 fewer
@@ -321,7 +331,7 @@ class Requests:
         # one to replay it (blocking; sync adapters), then decide again.
         if known[1] is None or known[1].reason is not Reason.STICKY_REPLICAS_BEHIND:
             return known
-        node = catch_up.pick(sticky.lsn, views)
+        node = catch_up.pick(sticky.lsn, self._spread.in_rotation(views))
         if node is None or not catch_up.wait(node, sticky.lsn):
             return known
         health = self._health
@@ -340,7 +350,7 @@ class Requests:
         if sticky is None or sticky.lsn is None:
             return
         health = self._health
-        views = health.stable_views or health.views()
+        views = self._spread.in_rotation(health.stable_views or health.views())
         if decide(facts, sticky, self._primary, views)[0].reason is Reason.STICKY_REPLICAS_BEHIND:
             node = catch_up.pick(sticky.lsn, views)
             if node is not None:
@@ -349,11 +359,19 @@ class Requests:
     def _candidates(
         self, facts: RequestFacts, sticky: StickyToken | None, views: Sequence[ReplicaView]
     ) -> _Known:
-        """What ``decide()`` answers, and the counters a request so decided adds to."""
-        choices = decide(facts, sticky, self._primary, views)
+        """What ``decide()`` answers from the replicas in rotation, narrowed and weighed
+        by the spread, and the counters a request so decided adds to."""
+        spread = self._spread
+        choices: Sequence[Decision] = decide(
+            facts, sticky, self._primary, spread.in_rotation(views)
+        )
+        cumulative = None
+        if len(choices) > 1:
+            choices, cumulative = spread.narrow(choices, _node_of, views)
         # The candidates differ only in their replica: they count alike.
         only = choices[0] if len(choices) == 1 else None
-        return views, only, choices, self._counter_names(choices[0], sticky is not None)
+        names = self._counter_names(choices[0], sticky is not None)
+        return views, only, choices, cumulative, names
 
     def _counter_names(self, decision: Decision, sticky: bool) -> tuple[str, ...]:
         key = (decision.reason, decision.node.role, sticky)
@@ -454,3 +472,7 @@ class Requests:
         if scope.settled_decision is not None and scope.settled_decision.drop_cookie:
             return CookieUpdate(name, None, 0, path, secure)
         return None
+
+
+def _node_of(decision: Decision) -> Node:
+    return decision.node

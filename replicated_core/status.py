@@ -44,6 +44,8 @@ class NodeStatus:
     ``lag_bytes`` is how far the replica's replay trails the primary, in its backend's
     unit (for PostgreSQL, the WAL the primary has flushed and the replica has not
     replayed).
+    ``weight`` is the replica's share of reads (``REPLICATED_REPLICA_WEIGHTS``; 0: out
+    of rotation), None for the primary.
     ``lag_seconds`` is None where nothing tells how long those bytes have waited: one
     check sees bytes waiting but not since when, so a single ``status`` run (a process
     of its own) shows bytes and no time until the replica has caught up.
@@ -59,6 +61,7 @@ class NodeStatus:
     marked_down: bool
     usable: bool
     error: str | None
+    weight: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +73,12 @@ class ClusterStatus:
 
     @property
     def healthy(self) -> bool:
-        """The primary answers, is not a standby, and at least one replica is usable."""
+        """The primary answers, is not a standby, and at least one replica in rotation
+        (its weight not 0) is usable."""
         primary = [n for n in self.nodes if n.role == Role.PRIMARY.value]
         replicas = [n for n in self.nodes if n.role == Role.REPLICA.value]
         primary_ok = all(n.reachable and not n.in_recovery for n in primary)
-        return primary_ok and any(n.usable for n in replicas)
+        return primary_ok and any(n.usable and n.weight != 0 for n in replicas)
 
     def to_json(self) -> str:
         """The status as a JSON document, for scripts."""
@@ -99,6 +103,7 @@ class ClusterStatus:
             "lag bytes",
             "down",
             "usable",
+            "weight",
         )
         rows = [header] + [
             (
@@ -111,6 +116,7 @@ class ClusterStatus:
                 "-" if n.lag_bytes is None else str(n.lag_bytes),
                 _yes(n.marked_down),
                 "-" if n.role == Role.PRIMARY.value else _yes(n.usable),
+                "-" if n.weight is None else f"{n.weight:g}",
             )
             for n in self.nodes
         ]
@@ -185,9 +191,10 @@ def build_status(
     nodes = [_primary_status(router.primary, primary_row, in_recovery, secrets)]
     for node in router.replicas:
         row = results[node.name]
+        weight = router.spread.weight(node)
         if isinstance(row, BaseException):
             router.health.mark_down(node, row)
-            nodes.append(_unreachable(node, row, secrets, marked_down=True))
+            nodes.append(_unreachable(node, row, secrets, marked_down=True, weight=weight))
             continue
         backend = router.backends[node.name]
         probe = backend.replica_probe(row) if probing else None
@@ -221,6 +228,7 @@ def build_status(
                 error=None
                 if probe is None or probe.in_recovery
                 else "not in recovery: this is a primary, not a replica",
+                weight=weight,
             )
         )
     return ClusterStatus(router.sticky_mode.value, tuple(nodes))
@@ -267,7 +275,12 @@ def _primary_status(
 
 
 def _unreachable(
-    node: Node, error: BaseException, secrets: tuple[str, ...], *, marked_down: bool
+    node: Node,
+    error: BaseException,
+    secrets: tuple[str, ...],
+    *,
+    marked_down: bool,
+    weight: float | None = None,
 ) -> NodeStatus:
     return NodeStatus(
         name=node.name,
@@ -280,6 +293,7 @@ def _unreachable(
         marked_down=marked_down,
         usable=False,
         error=describe_error(error, secrets),
+        weight=weight,
     )
 
 

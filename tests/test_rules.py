@@ -152,7 +152,8 @@ def test_settle_decides_as_decide_does(requests, stable):
     router.requests._health = health
     picks = []
 
-    def choose(choices):
+    def choose(choices, cumulative):
+        assert cumulative is None  # no weights: an even pick
         pick = choices[len(picks) % len(choices)]
         picks.append(pick)
         return pick

@@ -36,6 +36,7 @@ def test_flask_status_on_a_healthy_cluster(postgresql_backend, pg_cluster):
             "bytes",
             "down",
             "usable",
+            "weight",
         ]
         rows = {line.split()[0]: line.split() for line in lines[1:4]}
         assert rows["master"][1:5] == [
@@ -50,7 +51,7 @@ def test_flask_status_on_a_healthy_cluster(postgresql_backend, pg_cluster):
             "yes",
             "yes",
         ]
-        assert rows["lagging"][-2:] == ["no", "yes"]
+        assert rows["lagging"][-3:] == ["no", "yes", "1"]
         assert "sticky mode: wal" in result.output
         report = json.loads(_flask_status(app, "--json").output)
         assert report["healthy"] is True
