@@ -326,6 +326,17 @@ def _names(key: str, value: object) -> tuple[str, ...]:
     return names
 
 
+def _finite(value: object) -> float | None:
+    # A finite number as a float; None for anything else (a bool, NaN, an int too big).
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _weights(value: object, names: list[str]) -> dict[str, float]:
     # ``names``: the replicas, by bind name or by their name in REPLICATED_REPLICAS.
     key = "REPLICATED_REPLICA_WEIGHTS"
@@ -343,16 +354,12 @@ def _weights(value: object, names: list[str]) -> dict[str, float]:
             raise ConfigError(
                 f"'{key}' names {_shown(name)}, which is not a replica. The replicas are: {known}."
             )
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, int | float)
-            or not math.isfinite(weight)
-            or weight < 0
-        ):
+        number = _finite(weight)
+        if number is None or number < 0:
             raise ConfigError(
                 f"'{key}['{name}']' must be zero or a positive number, got {_shown(weight)}."
             )
-        weights[name] = float(weight)
+        weights[name] = number
     if all(weights.get(name, 1.0) == 0 for name in names):
         raise ConfigError(
             f"'{key}' gives every replica the weight 0, so no replica would serve reads. "

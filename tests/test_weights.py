@@ -129,6 +129,11 @@ def test_bad_weights_fail_in_init_app(tmp_path, weights, message):
     assert "s3cr3t" not in message
 
 
+def test_a_weight_too_big_for_a_float_fails_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"REPLICATED_REPLICA_WEIGHTS\['r1'\]"):
+        FlaskReplicated(_sqlite_app(tmp_path, REPLICATED_REPLICA_WEIGHTS={"r1": 10**400}))
+
+
 def test_weights_name_replicas_given_by_url(tmp_path):
     """With REPLICATED_REPLICAS the names are its keys; a bind name is not one."""
     app = Flask(__name__)
