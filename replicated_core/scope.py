@@ -30,13 +30,16 @@ if TYPE_CHECKING:
     from .rules import ReplicaView
     from .sticky import StickyCodec
 
+    # A candidate decision and the counter names of a request that takes it.
+    _Choice: TypeAlias = tuple[Decision, tuple[str, ...]]
     # What ``decide()`` answered from these views: the candidates (and the only one,
-    # if so), and the counter names of a request that takes one of them.
-    _Known: TypeAlias = tuple[
-        Sequence[ReplicaView], Decision | None, tuple[Decision, ...], tuple[str, ...]
-    ]
+    # if so).
+    _Known: TypeAlias = tuple[Sequence[ReplicaView], _Choice | None, tuple[_Choice, ...]]
 
-__all__ = ["RequestScope", "Requests"]
+__all__ = ["REQUESTS_BY", "RequestScope", "Requests"]
+
+# The prefix of the counters of requests by reason and node: "requests_by.read.r1".
+REQUESTS_BY = "requests_by."
 
 logger = logging.getLogger("replicated")
 
@@ -153,7 +156,7 @@ class Requests:
         codec: StickyCodec | None,
         sticky_mode: StickyMode,
         sticky_ttl: float,
-        choose: Callable[[Sequence[Decision]], Decision],
+        choose: Callable[[Sequence[_Choice]], _Choice],
         show_position: Callable[[Position], str],
     ) -> None:
         self._owner = owner
@@ -174,12 +177,12 @@ class Requests:
         # Waits for a replica to replay a sticky client's write (set by the router).
         self.catch_up: CatchUp | None = None
         self._facts: dict[tuple[str, str | None, object, bool], RequestFacts] = {}
-        self._names: dict[tuple[Reason, Role, bool], tuple[str, ...]] = {}
+        self._names: dict[tuple[Reason, Node, bool], tuple[str, ...]] = {}
         self._with_writes: dict[tuple[str, ...], tuple[str, ...]] = {}
         # What ``decide()`` answered for a request without a cookie or with a time-mode
         # one, by ``kind | _TIME_COOKIE``: nothing else in such a request changes the
         # answer, as long as the health registry hands out the same views.
-        self._memo: list[_Known] = [((), None, (), ())] * 16
+        self._memo: list[_Known] = [((), None, ())] * 16
         self._not_routed = Decision(primary, Reason.NOT_ROUTED)
         self._settling = threading.Lock()
         # The last time-mode cookie: its second, path and Secure flag, and itself.
@@ -281,8 +284,8 @@ class Requests:
             known = self._memo[index]
             if known[0] is not views:
                 known = self._memo[index] = self._candidates(facts, sticky, views)
-        _, only, choices, counted = known
-        decision = only or self._choose(choices)
+        _, only, choices = known
+        decision, counted = only or self._choose(choices)
         # Threads or tasks sharing the request's context may ask at once: the first
         # to get here decides for all (one replica per request). acquire() and release()
         # rather than ``with``: measured by ./dev bench instructions, about 1,000 fewer
@@ -319,7 +322,7 @@ class Requests:
     ) -> _Known:
         # No replica has the client's write in the cached positions: wait briefly for
         # one to replay it (blocking; sync adapters), then decide again.
-        if known[1] is None or known[1].reason is not Reason.STICKY_REPLICAS_BEHIND:
+        if known[1] is None or known[1][0].reason is not Reason.STICKY_REPLICAS_BEHIND:
             return known
         node = catch_up.pick(sticky.lsn, views)
         if node is None or not catch_up.wait(node, sticky.lsn):
@@ -349,17 +352,23 @@ class Requests:
     def _candidates(
         self, facts: RequestFacts, sticky: StickyToken | None, views: Sequence[ReplicaView]
     ) -> _Known:
-        """What ``decide()`` answers, and the counters a request so decided adds to."""
-        choices = decide(facts, sticky, self._primary, views)
-        # The candidates differ only in their replica: they count alike.
+        """What ``decide()`` answers, each with the counters a request so decided adds to."""
+        choices = tuple(
+            (decision, self._counter_names(decision, sticky is not None))
+            for decision in decide(facts, sticky, self._primary, views)
+        )
         only = choices[0] if len(choices) == 1 else None
-        return views, only, choices, self._counter_names(choices[0], sticky is not None)
+        return views, only, choices
 
     def _counter_names(self, decision: Decision, sticky: bool) -> tuple[str, ...]:
-        key = (decision.reason, decision.node.role, sticky)
+        key = (decision.reason, decision.node, sticky)
         names = self._names.get(key)
         if names is None:
-            found = ["requests_total"]
+            # By reason and node too, for the Prometheus collector (replicated_core.prometheus).
+            found = [
+                "requests_total",
+                f"{REQUESTS_BY}{decision.reason.name.lower()}.{decision.node.name}",
+            ]
             if decision.node.role is Role.REPLICA:
                 found.append("requests_to_replica")
             else:
