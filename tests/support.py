@@ -87,8 +87,12 @@ def create_pg_schema(cluster: Any) -> None:
     cluster.wait_for_replay(include_delayed=True)
 
 
-def make_flask_app(backend: Backend, replica: str | list[str] = "replica", **config: Any) -> Any:
+def make_flask_app(
+    backend: Backend, replica: str | list[str] = "replica", name: str = __name__, **config: Any
+) -> Any:
     """A Flask app with FlaskReplicated whose views report which node answered.
+
+    ``name`` is the app's import name (its ``app.name``).
 
     ``app.db``, ``app.Item`` and ``app.backend`` are attached for the tests. The
     default replica list holds one bind named "slave", as in flask_replicated 1.1.
@@ -105,7 +109,7 @@ def make_flask_app(backend: Backend, replica: str | list[str] = "replica", **con
     else:
         binds.update({label: backend.url(label) for label in replicas})
         config.setdefault("REPLICATED_REPLICA_BINDS", replicas)
-    app = Flask(__name__)
+    app = Flask(name)
     app.config.update(
         SECRET_KEY="test-secret-key",
         TESTING=True,
