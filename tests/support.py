@@ -166,8 +166,12 @@ def dispose_flask_app(app: Any) -> None:
         engine.dispose()
 
 
-def make_quart_app(backend: Backend, replica: str | list[str] = "replica", **config: Any) -> Any:
+def make_quart_app(
+    backend: Backend, replica: str | list[str] = "replica", name: str = __name__, **config: Any
+) -> Any:
     """A Quart app with QuartReplicated whose views report which node answered.
+
+    ``name`` is the app's import name (its ``app.name``).
 
     ``app.rep``, ``app.Item`` and ``app.backend`` are attached for the tests.
     """
@@ -184,7 +188,7 @@ def make_quart_app(backend: Backend, replica: str | list[str] = "replica", **con
     else:
         binds.update({label: backend.url(label, asynchronous=True) for label in replicas})
         config.setdefault("REPLICATED_REPLICA_BINDS", replicas)
-    app = Quart(__name__)
+    app = Quart(name)
     app.config.update(
         SECRET_KEY="test-secret-key",
         TESTING=True,

@@ -6,6 +6,7 @@ once, 'lagging' 500 ms late."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from support import (
     dispose_flask_app,
     listening_socket,
     make_flask_app,
+    make_quart_app,
 )
 from test_readme import PROMETHEUS_EXAMPLE, SNIPPETS
 
@@ -176,6 +178,44 @@ def test_the_histogram_holds_a_catch_up_wait(flask_factory: Any) -> None:
         "replicated_decisions_total", **db, node="master", reason="sticky_replicas_behind"
     )
     assert _delta(after, before, behind) == 1
+
+
+async def test_quart_a_writers_next_read_in_the_counters_and_the_histogram(
+    postgresql_backend: Any, pg_cluster: Any
+) -> None:
+    """The Quart adapter's requests and its awaited catch-up wait, as the collector
+    reports them. (Seen failing with the wait's durations not recorded.)"""
+    create_pg_schema(pg_cluster)
+    name = f"quart_{uuid.uuid4().hex[:8]}"
+    app = make_quart_app(postgresql_backend, "lagging", name=name, REPLICATED_CATCH_UP_TIMEOUT=0.05)
+    registry = CollectorRegistry()
+    registry.register(ReplicatedCollector())
+    db = {"database": "master"}
+    try:
+        client = app.test_client()
+        await client.get("/items")  # starts the prober
+        deadline = time.monotonic() + CHECK_TIMEOUT
+        while _scrape(registry, name).get(_key("replicated_replica_up", **db, node="slave")) != 1:
+            assert time.monotonic() < deadline, _scrape(registry, name)
+            await asyncio.sleep(0.05)
+        before = _scrape(registry, name)
+        assert (await client.get("/items")).status_code == 200
+        assert (await client.post("/items", form={"name": "x"})).status_code == 303
+        assert (await (await client.get("/items")).get_json())["node"] == "primary"
+        after = _scrape(registry, name)
+    finally:
+        await app.rep.dispose(app)
+    assert app.errors == []
+
+    def moved(metric: str, **more: str) -> float:
+        return _delta(after, before, _key(metric, **db, **more))
+
+    assert moved("replicated_requests_total") == 3
+    assert moved("replicated_decisions_total", node="slave", reason="read") == 1
+    assert moved("replicated_decisions_total", node="master", reason="write_method") == 1
+    assert moved("replicated_decisions_total", node="master", reason="sticky_replicas_behind") == 1
+    assert moved("replicated_catch_up_wait_seconds_count") == 1
+    assert moved("replicated_catch_up_wait_seconds_sum") >= 0.04
 
 
 def test_warnings_carry_node_reason_and_database(flask_factory: Any, caplog: Any) -> None:
