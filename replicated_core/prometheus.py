@@ -41,7 +41,8 @@ _COUNTERS = (
     ("position_checks", "Rounds of replica position checks."),
     (
         "catch_up_waits",
-        "Sticky reads that waited for a replica to replay their client's write.",
+        "Sticky reads that no replica could serve from the cached positions, so"
+        " turned to the short wait for one.",
     ),
     ("catch_up_checks", "Catch-up queries run on a replica."),
     ("catch_up_timeouts", "Catch-up queries that ended before the replica replayed the write."),
@@ -109,7 +110,8 @@ class ReplicatedCollector(Collector):
         }
         waits = HistogramMetricFamily(
             "replicated_catch_up_wait_seconds",
-            "How long sticky reads waited for a replica to replay their client's write.",
+            "How long sticky reads that waited for a replica to replay their client's"
+            " write waited.",
             labels=labels,
         )
         for app, router in _labelled(self._routers()):
