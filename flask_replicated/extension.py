@@ -89,7 +89,7 @@ class FlaskReplicated:
             if app.secret_key
             else None
         )
-        router = Router(config, primary, replicas, codec)
+        router = Router(config, primary, replicas, codec, name=app.name)
         router.prober = ThreadProber(router.health, probe_replica, on_overdue=router.cut_off)
         if router.catch_up is not None:
             router.catch_up.run = first_row

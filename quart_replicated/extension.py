@@ -145,7 +145,7 @@ class QuartReplicated:
             if app.secret_key
             else None
         )
-        router = Router(config, primary, replicas, codec)
+        router = Router(config, primary, replicas, codec, name=app.name)
         by_sync = {id(e.sync_engine): e for e in (*engines.values(), *replica_engines.values())}
         by_node = {n.name: by_sync[id(n.engine)] for n in (primary, *replicas)}
         other = {k: e for k, e in binds.items() if k not in by_node}

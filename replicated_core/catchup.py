@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .counters import Durations
 from .health import describe_error
 
 if TYPE_CHECKING:
@@ -32,7 +34,11 @@ if TYPE_CHECKING:
     Run = Callable[[Node, str], "tuple[object, ...] | None"]
     RunAsync = Callable[[Node, str], "Awaitable[tuple[object, ...] | None]"]
 
-__all__ = ["CatchUp"]
+__all__ = ["WAIT_BUCKETS", "CatchUp"]
+
+# The upper bounds, in seconds, of the histogram of catch-up waits: around the default
+# timeout (0.1 s), with room for a longer one and a replica slow to answer.
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 logger = logging.getLogger("replicated")
 
@@ -56,7 +62,9 @@ class CatchUp:
 
     ``run`` (sync adapters) or ``run_async`` (async ones) is the IO, set by the
     adapter: it runs the backend's query on a fresh pooled connection of the node, in
-    autocommit, and returns its row. ``timeout`` 0 turns the wait off.
+    autocommit, and returns its row. ``timeout`` 0 turns the wait off. ``durations``
+    holds how long each reader waited (its own query or one it joined), for the
+    Prometheus collector; a reader whose replica already had the position waits none.
     """
 
     def __init__(
@@ -79,6 +87,7 @@ class CatchUp:
         self._lock = threading.Lock()
         self._flights: dict[str, list[_Flight]] = {}
         self._resting: dict[str, float] = {}
+        self.durations = Durations(WAIT_BUCKETS)
 
     @property
     def blocks(self) -> bool:
@@ -121,8 +130,10 @@ class CatchUp:
         if flight is None:
             return True
         assert flight.event is not None
+        start = time.perf_counter()
         if not own:
             flight.event.wait(self.timeout + self.health.probe_timeout)
+            self.durations.observe(time.perf_counter() - start)
             return _reached(flight.answer, position)
         answer = None
         try:
@@ -131,6 +142,7 @@ class CatchUp:
             self._failed(node, error)
         finally:
             self._land(node, flight, answer)
+            self.durations.observe(time.perf_counter() - start)
         return _reached(answer, position)
 
     async def wait_async(self, node: Node, position: Position) -> bool:
@@ -144,11 +156,14 @@ class CatchUp:
             return True
         assert flight.future is not None
         limit = self.timeout + self.health.probe_timeout
+        start = time.perf_counter()
         if not own:
             try:
                 await asyncio.wait_for(asyncio.shield(flight.future), limit)
             except TimeoutError:
                 return False
+            finally:
+                self.durations.observe(time.perf_counter() - start)
             return _reached(flight.answer, position)
         answer = None
         try:
@@ -158,6 +173,7 @@ class CatchUp:
             self._failed(node, error)
         finally:
             self._land(node, flight, answer)
+            self.durations.observe(time.perf_counter() - start)
         return _reached(answer, position)
 
     # -- the shared flights --------------------------------------------------------

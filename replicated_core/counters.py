@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import Counter, deque
 
-__all__ = ["Counters"]
+__all__ = ["Counters", "Durations"]
 
 # Events kept before they are folded: a few kilobytes.
 _FOLD_AT = 256
@@ -57,3 +58,30 @@ class Counters:
         # meanwhile, for next time, and every event added before this read is counted.
         for _ in range(len(recent)):
             events[recent.popleft()] += 1
+
+
+class Durations:
+    """A thread-safe histogram of durations in seconds: counts per bucket and a sum.
+
+    ``bounds`` are the buckets' upper bounds, ascending; a duration above the last
+    falls in the "+Inf" bucket. Observed only when something waited (a catch-up
+    wait is a round trip to a replica already), so a lock costs nothing that shows.
+    """
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self._lock = threading.Lock()
+        self._counts = [0] * (len(bounds) + 1)
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one duration of ``seconds``."""
+        index = bisect.bisect_left(self.bounds, seconds)
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += seconds
+
+    def snapshot(self) -> tuple[list[int], float]:
+        """The count in each bucket (not cumulative; the last is "+Inf") and the sum."""
+        with self._lock:
+            return list(self._counts), self._sum

@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from .backends import ErrorKind, classify_driver_error
 from .lag import LagClock
@@ -32,6 +32,11 @@ __all__ = ["INTERRUPTED", "Check", "Health", "Plan", "ReplicaState", "describe_e
 INTERRUPTED = "_replicated_interrupted"
 
 logger = logging.getLogger("replicated")
+
+if TYPE_CHECKING:
+    # A log line to write once the lock is released: its message, its arguments (the
+    # replica's name first) and its reason field.
+    _Note: TypeAlias = tuple[str, tuple[object, ...], str]
 
 
 @dataclass(slots=True)
@@ -95,6 +100,7 @@ class Health:
         probe_timeout: float = 2.0,
         secrets: Sequence[str] = (),
         clock: Callable[[], float] = time.monotonic,
+        database: str = "",
     ) -> None:
         self._nodes = tuple(replicas)
         self._probing = probing
@@ -104,6 +110,7 @@ class Health:
         self.probe_timeout = probe_timeout
         self.clock = clock
         self.secrets = tuple(s for s in secrets if s)
+        self.database = database  # the primary's bind name, for the log lines' fields
         self.reset()
 
     def reset(self) -> None:
@@ -164,6 +171,16 @@ class Health:
         self._note_starvation(any(v.usable for v in views))
         return views
 
+    def _extra(self, node: str | None, reason: str) -> dict[str, object]:
+        # The fields of a log line, as the Prometheus collector labels them: for JSON
+        # loggers to index.
+        return {"node": node, "reason": reason, "database": self.database}
+
+    def _log(self, notes: Sequence[_Note]) -> None:
+        # Logged once the lock is released: a slow handler must not hold up the others.
+        for message, args, reason in notes:
+            logger.warning(message, *args, extra=self._extra(str(args[0]), reason))
+
     def _changed(self) -> None:
         # Called, under the lock, after every change that may change a view.
         self._version += 1
@@ -187,10 +204,16 @@ class Health:
         # One warning per episode, not one per request.
         if not any_usable and not self._starved:
             self._starved = True
-            logger.warning("No replica is usable: the primary serves all reads until one is.")
+            logger.warning(
+                "No replica is usable: the primary serves all reads until one is.",
+                extra=self._extra(None, "no_replica"),
+            )
         elif any_usable and self._starved:
             self._starved = False
-            logger.warning("A replica is usable again: reads go back to the replicas.")
+            logger.warning(
+                "A replica is usable again: reads go back to the replicas.",
+                extra=self._extra(None, "replica_usable"),
+            )
 
     # -- checking ------------------------------------------------------------------
 
@@ -233,6 +256,7 @@ class Health:
                 "reads until it does.",
                 node.name,
                 self.probe_timeout,
+                extra=self._extra(node.name, "overdue"),
             )
         return Plan(checks, overdue)
 
@@ -268,7 +292,7 @@ class Health:
         the replica was last marked down is dropped: it says nothing of the replica
         since the failure.
         """
-        notes: list[tuple[str, tuple[object, ...]]] = []
+        notes: list[_Note] = []
         with self._lock:
             state = self.states[check.node.name]
             state.checks_out = max(0, state.checks_out - 1)
@@ -284,24 +308,23 @@ class Health:
                             "Replica '%s' answered its position check after %.1f s; it "
                             "serves reads again.",
                             (check.node.name, late_by),
+                            "answered_late",
                         )
                     )
             if isinstance(outcome, BaseException):
                 self._mark_down(state, outcome, notes)
             elif check.epoch == state.epoch:
                 self._record(state, outcome, notes)
-        _log(notes)
+        self._log(notes)
 
     def record(self, node: Node, probe: ReplicaProbe) -> None:
         """Store a successful probe of ``node``, made just now (status command)."""
-        notes: list[tuple[str, tuple[object, ...]]] = []
+        notes: list[_Note] = []
         with self._lock:
             self._record(self.states[node.name], probe, notes)
-        _log(notes)
+        self._log(notes)
 
-    def _record(
-        self, state: ReplicaState, probe: ReplicaProbe, notes: list[tuple[str, tuple[object, ...]]]
-    ) -> None:
+    def _record(self, state: ReplicaState, probe: ReplicaProbe, notes: list[_Note]) -> None:
         state.probe = probe
         state.lag_seconds = state.lag_clock.lag(probe, self.clock())
         state.needs_check = False
@@ -310,6 +333,7 @@ class Health:
                 (
                     "Replica '%s' answers again after %.1f s; it serves reads again.",
                     (state.node.name, self.clock() - state.down_since),
+                    "answers_again",
                 )
             )
             state.down_since = None
@@ -323,6 +347,7 @@ class Health:
                     "gets no reads until it is a standby again; check its URL in "
                     "SQLALCHEMY_BINDS.",
                     (state.node.name,),
+                    "not_in_recovery",
                 )
             )
 
@@ -354,7 +379,7 @@ class Health:
         """
         if getattr(error, INTERRUPTED, False):
             return  # the router cut it off while it was overdue: it is out already
-        notes: list[tuple[str, tuple[object, ...]]] = []
+        notes: list[_Note] = []
         with self._lock:
             state = self.states[node.name]
             if state.checking_since is not None and _is_timeout(error):
@@ -365,11 +390,9 @@ class Health:
                     self._changed()
             else:
                 self._mark_down(state, error, notes)
-        _log(notes)
+        self._log(notes)
 
-    def _mark_down(
-        self, state: ReplicaState, error: BaseException, notes: list[tuple[str, tuple[object, ...]]]
-    ) -> None:
+    def _mark_down(self, state: ReplicaState, error: BaseException, notes: list[_Note]) -> None:
         now = self.clock()
         state.failures += 1
         self.marked_down += 1
@@ -385,6 +408,7 @@ class Health:
                 (
                     "Replica '%s' is down (%s); it gets no reads for %g s.",
                     (state.node.name, describe_error(error, self.secrets), self.downtime),
+                    "down",
                 )
             )
         self._changed()
@@ -394,12 +418,6 @@ def _is_timeout(error: BaseException) -> bool:
     # A driver's own connect timeout, or the socket's TimeoutError.
     cause = getattr(error, "orig", None) or error
     return isinstance(cause, TimeoutError) or classify_driver_error(cause) is ErrorKind.TIMEOUT
-
-
-def _log(notes: Sequence[tuple[str, tuple[object, ...]]]) -> None:
-    # Logged once the lock is released: a slow handler must not hold up the others.
-    for message, args in notes:
-        logger.warning(message, *args)
 
 
 def describe_error(error: BaseException, secrets: Sequence[str] = ()) -> str:

@@ -8,6 +8,7 @@ whenever SQLAlchemy needs a bind.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from .scope import RequestScope
     from .sticky import StickyCodec
 
-__all__ = ["Router"]
+__all__ = ["Router", "live_routers"]
 
 
 T = TypeVar("T")
@@ -60,8 +61,14 @@ logger = logging.getLogger("replicated")
 PROBE_MARK = "replicated.probe"
 
 
-# Every live router, for the fork handler below.
+# Every live router, for the fork handler below and the Prometheus collector.
 _ROUTERS: weakref.WeakSet[Router] = weakref.WeakSet()
+_SERIALS = itertools.count()
+
+
+def live_routers() -> list[Router]:
+    """Every router of this process not yet garbage-collected, oldest first."""
+    return sorted(_ROUTERS, key=lambda router: router.serial)
 
 
 def _after_fork_in_child() -> None:
@@ -84,7 +91,12 @@ class Router:
         primary: Node,
         replicas: Sequence[Node],
         codec: StickyCodec | None,
+        *,
+        name: str = "",
     ) -> None:
+        # The app's name (the adapters give it): the "app" label of its metrics.
+        self.name = name
+        self.serial = next(_SERIALS)  # creation order, for live_routers()
         self.config = config
         self.primary = primary
         self.replicas = tuple(replicas)
@@ -104,6 +116,7 @@ class Router:
             downtime=config.replica_downtime,
             probe_timeout=config.connect_timeout,
             secrets=[n.engine.url.password or "" for n in (primary, *self.replicas)],
+            database=primary.name,
         )
         self.counters = Counters()
         # The short wait for a replica to replay a sticky client's write; its IO is
@@ -253,8 +266,9 @@ class Router:
     # -- metrics -----------------------------------------------------------------
 
     def metrics(self) -> dict[str, int]:
-        """Every counter of this router: decisions by reason, writes, sticky hits,
-        fallbacks, retries, replicas marked down and position checks."""
+        """Every counter of this router: decisions by reason (and by reason and node,
+        as ``requests_by.<reason>.<node>``), writes, sticky hits, fallbacks, retries,
+        replicas marked down, position checks and catch-up waits."""
         return {
             **self.counters.snapshot(),
             "replicas_marked_down": self.health.marked_down,
@@ -495,6 +509,11 @@ class Router:
                 "Could not read the primary's position (%s): this client stays on the "
                 "primary for the sticky time instead.",
                 describe_error(error, self.health.secrets),
+                extra={
+                    "node": self.primary.name,
+                    "reason": "primary_position",
+                    "database": self.primary.name,
+                },
             )
             return
         if lsn is not None and (scope.position is None or not scope.position >= lsn):
@@ -533,6 +552,11 @@ class Router:
                     "unbound, and their clients on the primary, until a connection can.",
                     node.name,
                     describe_error(error, self.health.secrets),
+                    extra={
+                        "node": node.name,
+                        "reason": "cluster_unknown",
+                        "database": self.primary.name,
+                    },
                 )
                 return
             if identifier is not None:

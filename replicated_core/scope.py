@@ -31,18 +31,21 @@ if TYPE_CHECKING:
     from .sticky import StickyCodec
     from .weights import Spread
 
+    # A candidate decision and the counter names of a request that takes it.
+    _Choice: TypeAlias = tuple[Decision, tuple[str, ...]]
     # What ``decide()`` answered from these views: the candidates (and the only one,
-    # if so), their cumulative weights (None: even), and the counter names of a
-    # request that takes one of them.
+    # if so), with their cumulative weights (None: even).
     _Known: TypeAlias = tuple[
         Sequence[ReplicaView],
-        Decision | None,
-        Sequence[Decision],
+        _Choice | None,
+        Sequence[_Choice],
         tuple[float, ...] | None,
-        tuple[str, ...],
     ]
 
-__all__ = ["RequestScope", "Requests"]
+__all__ = ["REQUESTS_BY", "RequestScope", "Requests"]
+
+# The prefix of the counters of requests by reason and node: "requests_by.read.r1".
+REQUESTS_BY = "requests_by."
 
 logger = logging.getLogger("replicated")
 
@@ -161,7 +164,7 @@ class Requests:
         codec: StickyCodec | None,
         sticky_mode: StickyMode,
         sticky_ttl: float,
-        choose: Callable[[Sequence[Decision], tuple[float, ...] | None], Decision],
+        choose: Callable[[Sequence[_Choice], tuple[float, ...] | None], _Choice],
         show_position: Callable[[Position], str],
         spread: Spread,
     ) -> None:
@@ -184,12 +187,12 @@ class Requests:
         # Waits for a replica to replay a sticky client's write (set by the router).
         self.catch_up: CatchUp | None = None
         self._facts: dict[tuple[str, str | None, object, bool], RequestFacts] = {}
-        self._names: dict[tuple[Reason, Role, bool], tuple[str, ...]] = {}
+        self._names: dict[tuple[Reason, Node, bool], tuple[str, ...]] = {}
         self._with_writes: dict[tuple[str, ...], tuple[str, ...]] = {}
         # What ``decide()`` answered for a request without a cookie or with a time-mode
         # one, by ``kind | _TIME_COOKIE``: nothing else in such a request changes the
         # answer, as long as the health registry hands out the same views.
-        self._memo: list[_Known] = [((), None, (), None, ())] * 16
+        self._memo: list[_Known] = [((), None, (), None)] * 16
         self._not_routed = Decision(primary, Reason.NOT_ROUTED)
         self._settling = threading.Lock()
         # The last time-mode cookie: its second, path and Secure flag, and itself.
@@ -291,8 +294,8 @@ class Requests:
             known = self._memo[index]
             if known[0] is not views:
                 known = self._memo[index] = self._candidates(facts, sticky, views)
-        _, only, choices, cumulative, counted = known
-        decision = only or self._choose(choices, cumulative)
+        _, only, choices, cumulative = known
+        decision, counted = only or self._choose(choices, cumulative)
         # Threads or tasks sharing the request's context may ask at once: the first
         # to get here decides for all (one replica per request). acquire() and release()
         # rather than ``with``: measured by ./dev bench instructions, about 1,000 fewer
@@ -329,7 +332,7 @@ class Requests:
     ) -> _Known:
         # No replica has the client's write in the cached positions: wait briefly for
         # one to replay it (blocking; sync adapters), then decide again.
-        if known[1] is None or known[1].reason is not Reason.STICKY_REPLICAS_BEHIND:
+        if known[1] is None or known[1][0].reason is not Reason.STICKY_REPLICAS_BEHIND:
             return known
         node = catch_up.pick(sticky.lsn, self._spread.in_rotation(views))
         if node is None or not catch_up.wait(node, sticky.lsn):
@@ -360,24 +363,29 @@ class Requests:
         self, facts: RequestFacts, sticky: StickyToken | None, views: Sequence[ReplicaView]
     ) -> _Known:
         """What ``decide()`` answers from the replicas in rotation, narrowed and weighed
-        by the spread, and the counters a request so decided adds to."""
+        by the spread, each with the counters a request so decided adds to."""
         spread = self._spread
-        choices: Sequence[Decision] = decide(
+        decisions: Sequence[Decision] = decide(
             facts, sticky, self._primary, spread.in_rotation(views)
         )
         cumulative = None
-        if len(choices) > 1:
-            choices, cumulative = spread.narrow(choices, _node_of, views)
-        # The candidates differ only in their replica: they count alike.
+        if len(decisions) > 1:
+            decisions, cumulative = spread.narrow(decisions, _node_of, views)
+        choices = tuple(
+            (decision, self._counter_names(decision, sticky is not None)) for decision in decisions
+        )
         only = choices[0] if len(choices) == 1 else None
-        names = self._counter_names(choices[0], sticky is not None)
-        return views, only, choices, cumulative, names
+        return views, only, choices, cumulative
 
     def _counter_names(self, decision: Decision, sticky: bool) -> tuple[str, ...]:
-        key = (decision.reason, decision.node.role, sticky)
+        key = (decision.reason, decision.node, sticky)
         names = self._names.get(key)
         if names is None:
-            found = ["requests_total"]
+            # By reason and node too, for the Prometheus collector (replicated_core.prometheus).
+            found = [
+                "requests_total",
+                f"{REQUESTS_BY}{decision.reason.name.lower()}.{decision.node.name}",
+            ]
             if decision.node.role is Role.REPLICA:
                 found.append("requests_to_replica")
             else:

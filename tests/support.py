@@ -87,8 +87,12 @@ def create_pg_schema(cluster: Any) -> None:
     cluster.wait_for_replay(include_delayed=True)
 
 
-def make_flask_app(backend: Backend, replica: str | list[str] = "replica", **config: Any) -> Any:
+def make_flask_app(
+    backend: Backend, replica: str | list[str] = "replica", name: str = __name__, **config: Any
+) -> Any:
     """A Flask app with FlaskReplicated whose views report which node answered.
+
+    ``name`` is the app's import name (its ``app.name``).
 
     ``app.db``, ``app.Item`` and ``app.backend`` are attached for the tests. The
     default replica list holds one bind named "slave", as in flask_replicated 1.1.
@@ -105,7 +109,7 @@ def make_flask_app(backend: Backend, replica: str | list[str] = "replica", **con
     else:
         binds.update({label: backend.url(label) for label in replicas})
         config.setdefault("REPLICATED_REPLICA_BINDS", replicas)
-    app = Flask(__name__)
+    app = Flask(name)
     app.config.update(
         SECRET_KEY="test-secret-key",
         TESTING=True,
@@ -162,8 +166,12 @@ def dispose_flask_app(app: Any) -> None:
         engine.dispose()
 
 
-def make_quart_app(backend: Backend, replica: str | list[str] = "replica", **config: Any) -> Any:
+def make_quart_app(
+    backend: Backend, replica: str | list[str] = "replica", name: str = __name__, **config: Any
+) -> Any:
     """A Quart app with QuartReplicated whose views report which node answered.
+
+    ``name`` is the app's import name (its ``app.name``).
 
     ``app.rep``, ``app.Item`` and ``app.backend`` are attached for the tests.
     """
@@ -180,7 +188,7 @@ def make_quart_app(backend: Backend, replica: str | list[str] = "replica", **con
     else:
         binds.update({label: backend.url(label, asynchronous=True) for label in replicas})
         config.setdefault("REPLICATED_REPLICA_BINDS", replicas)
-    app = Quart(__name__)
+    app = Quart(name)
     app.config.update(
         SECRET_KEY="test-secret-key",
         TESTING=True,

@@ -69,7 +69,8 @@ FLASK_QUICKSTART = ("Quickstart: Flask", 1)
 QUART_QUICKSTART = ("Quickstart: Quart", 1)
 QUART_CLI_COMMAND = ("Quickstart: Quart", 2)
 CELERY_JOBS = ("Read-your-writes for API clients and jobs", 1)
-TESTED = {FLASK_QUICKSTART, QUART_QUICKSTART, QUART_CLI_COMMAND, CELERY_JOBS}
+PROMETHEUS_EXAMPLE = ("Prometheus metrics", 1)  # served by gunicorn in test_prometheus.py
+TESTED = {FLASK_QUICKSTART, QUART_QUICKSTART, QUART_CLI_COMMAND, CELERY_JOBS, PROMETHEUS_EXAMPLE}
 
 
 def test_every_python_block_of_the_readme_has_a_test_here():

@@ -171,6 +171,6 @@ def test_settle_decides_as_decide_does(requests, stable):
         candidates = decide(facts, sticky, PRIMARY, health.current)
         assert scope.decision in candidates
         if len(candidates) > 1:
-            assert picks == [scope.decision]
+            assert picks == [(scope.decision, scope.counted)]
         assert scope.sticky == sticky
         assert scope.counted == router.requests._counter_names(scope.decision, sticky is not None)

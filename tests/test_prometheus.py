@@ -1,0 +1,341 @@
+"""The Prometheus collector (replicated_core.prometheus, issue 15): every live router's
+counters by reason and node, its replicas' gauges and its catch-up waits, scraped in
+one process with two apps and from a real gunicorn serving the README's example; and
+the fields the WARNING log lines carry. On the real cluster: 'replica' replays at
+once, 'lagging' 500 ms late."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from support import (
+    ServerProcess,
+    create_pg_schema,
+    dispose_flask_app,
+    listening_socket,
+    make_flask_app,
+    make_quart_app,
+)
+from test_readme import PROMETHEUS_EXAMPLE, SNIPPETS
+
+from replicated_core.prometheus import ReplicatedCollector
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 60.0
+CHECK_TIMEOUT = 15.0
+
+# A sample: its name and its labels, as sorted pairs.
+Key = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def _samples(text: str, app: str) -> dict[Key, float]:
+    """The samples of the exposition ``text`` labelled with ``app``."""
+    found: dict[Key, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if labels.pop("app", None) == app:
+                key = (sample.name, tuple(sorted(labels.items())))
+                assert key not in found, f"{key} is exported twice"
+                found[key] = sample.value
+    return found
+
+
+def _key(name: str, **labels: str) -> Key:
+    return name, tuple(sorted(labels.items()))
+
+
+def _delta(after: dict[Key, float], before: dict[Key, float], key: Key) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+@pytest.fixture
+def flask_factory(postgresql_backend: Any, pg_cluster: Any) -> Iterator[Any]:
+    create_pg_schema(pg_cluster)
+    apps: list[Any] = []
+
+    def build(replica: str | list[str], name: str, **config: Any) -> Any:
+        app = make_flask_app(postgresql_backend, replica, name=name, **config)
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        dispose_flask_app(app)
+
+
+def _scrape(registry: CollectorRegistry, app: str) -> dict[Key, float]:
+    return _samples(generate_latest(registry).decode(), app)
+
+
+def _wait_until_checked(registry: CollectorRegistry, app: str, nodes: list[str]) -> None:
+    """Until every replica of ``app`` has answered a position check (its lag is known)."""
+    deadline = time.monotonic() + CHECK_TIMEOUT
+    while True:
+        samples = _scrape(registry, app)
+        database = {"database": "master"}
+        if all(
+            samples.get(_key("replicated_replica_up", **database, node=n)) == 1.0
+            and _key("replicated_replica_lag_seconds", **database, node=n) in samples
+            for n in nodes
+        ):
+            return
+        assert time.monotonic() < deadline, f"no check of {nodes} answered: {samples}"
+        time.sleep(0.05)
+
+
+def test_two_apps_in_one_process_each_under_its_own_app_label(flask_factory: Any) -> None:
+    """Counters by reason and node, replica gauges and the histogram, per app; a third
+    app of the second one's name is told apart by "-2". (Seen failing with the node
+    left out of the counter names, and with the "-2" suffix removed.)"""
+    suffix = uuid.uuid4().hex[:8]
+    first, second = f"first_{suffix}", f"second_{suffix}"
+    app_a = flask_factory(["replica", "lagging"], first)
+    app_b = flask_factory("replica", second)
+    # Same name: labelled second-2; its one replica weighs 2 (the weight gauge).
+    app_c = flask_factory("replica", second, REPLICATED_REPLICA_WEIGHTS={"slave": 2})
+    registry = CollectorRegistry()
+    registry.register(ReplicatedCollector())
+    for app in (app_a, app_b, app_c):
+        app.test_client().get("/items")  # starts the app's prober
+    _wait_until_checked(registry, first, ["replica", "lagging"])
+    _wait_until_checked(registry, second, ["slave"])
+    _wait_until_checked(registry, f"{second}-2", ["slave"])
+    before = {name: _scrape(registry, name) for name in (first, second, f"{second}-2")}
+
+    reads = {"replica": 0, "lagging": 0}
+    for _ in range(6):
+        reads[app_a.test_client().get("/items").get_json()["node"]] += 1
+    assert app_a.test_client().post("/items", data={"name": "x"}).status_code == 303
+    for _ in range(2):
+        assert app_b.test_client().get("/items").get_json()["node"] == "replica"
+    assert app_c.test_client().get("/items").get_json()["node"] == "replica"
+
+    after = {name: _scrape(registry, name) for name in (first, second, f"{second}-2")}
+    db = {"database": "master"}
+    a_before, a_after = before[first], after[first]
+    assert _delta(a_after, a_before, _key("replicated_requests_total", **db)) == 7
+    for node, count in reads.items():
+        read = _key("replicated_decisions_total", **db, node=node, reason="read")
+        assert _delta(a_after, a_before, read) == count, (node, a_after)
+    write = _key("replicated_decisions_total", **db, node="master", reason="write_method")
+    assert _delta(a_after, a_before, write) == 1
+    assert _delta(a_after, a_before, _key("replicated_writes_total", **db)) == 1
+    b_read = _key("replicated_decisions_total", **db, node="slave", reason="read")
+    assert _delta(after[second], before[second], b_read) == 2
+    assert _delta(after[f"{second}-2"], before[f"{second}-2"], b_read) == 1
+    assert _delta(after[second], before[second], _key("replicated_writes_total", **db)) == 0
+    for app, nodes in ((first, ["replica", "lagging"]), (second, ["slave"])):
+        samples = after[app]
+        for node in nodes:
+            labels = {**db, "node": node}
+            assert samples[_key("replicated_replica_usable", **labels)] == 1.0
+            assert samples[_key("replicated_replica_weight", **labels)] == 1.0
+            assert samples[_key("replicated_replica_lag_bytes", **labels)] >= 0
+        gauges = {k for k in samples if k[0].startswith("replicated_replica_")}
+        assert {dict(k[1])["node"] for k in gauges} == set(nodes)
+        assert _key("replicated_catch_up_wait_seconds_bucket", **db, le="+Inf") in samples
+    weight = _key("replicated_replica_weight", **db, node="slave")
+    assert after[f"{second}-2"][weight] == 2.0
+
+
+def test_the_histogram_holds_a_catch_up_wait(flask_factory: Any) -> None:
+    """A writer's next read waits (up to 50 ms) on 'lagging', which replays 500 ms late:
+    one wait in the histogram, of about the timeout. (Seen failing with the wait's
+    durations not recorded.)"""
+    name = f"waits_{uuid.uuid4().hex[:8]}"
+    app = flask_factory(
+        "lagging", name, REPLICATED_CATCH_UP_TIMEOUT=0.05, REPLICATED_CHECK_INTERVAL=5
+    )
+    registry = CollectorRegistry()
+    registry.register(ReplicatedCollector())
+    with app.test_client() as client:
+        client.get("/items")
+        _wait_until_checked(registry, name, ["slave"])
+        before = _scrape(registry, name)
+        assert client.post("/items", data={"name": "x"}).status_code == 303
+        assert client.get("/items").get_json()["node"] == "primary"
+    after = _scrape(registry, name)
+    db = {"database": "master"}
+    count = _key("replicated_catch_up_wait_seconds_count", **db)
+    total = _key("replicated_catch_up_wait_seconds_sum", **db)
+    assert _delta(after, before, count) == 1
+    assert 0.04 <= _delta(after, before, total) < 5.0
+    fast = _key("replicated_catch_up_wait_seconds_bucket", **db, le="0.025")
+    assert _delta(after, before, fast) == 0  # it waited about the timeout, not less
+    assert _delta(after, before, _key("replicated_catch_up_timeouts_total", **db)) == 1
+    behind = _key(
+        "replicated_decisions_total", **db, node="master", reason="sticky_replicas_behind"
+    )
+    assert _delta(after, before, behind) == 1
+
+
+async def test_quart_a_writers_next_read_in_the_counters_and_the_histogram(
+    postgresql_backend: Any, pg_cluster: Any
+) -> None:
+    """The Quart adapter's requests and its awaited catch-up wait, as the collector
+    reports them. (Seen failing with the wait's durations not recorded.)"""
+    create_pg_schema(pg_cluster)
+    name = f"quart_{uuid.uuid4().hex[:8]}"
+    app = make_quart_app(postgresql_backend, "lagging", name=name, REPLICATED_CATCH_UP_TIMEOUT=0.05)
+    registry = CollectorRegistry()
+    registry.register(ReplicatedCollector())
+    db = {"database": "master"}
+    try:
+        client = app.test_client()
+        await client.get("/items")  # starts the prober
+        deadline = time.monotonic() + CHECK_TIMEOUT
+        while _scrape(registry, name).get(_key("replicated_replica_up", **db, node="slave")) != 1:
+            assert time.monotonic() < deadline, _scrape(registry, name)
+            await asyncio.sleep(0.05)
+        before = _scrape(registry, name)
+        assert (await client.get("/items")).status_code == 200
+        assert (await client.post("/items", form={"name": "x"})).status_code == 303
+        assert (await (await client.get("/items")).get_json())["node"] == "primary"
+        after = _scrape(registry, name)
+    finally:
+        await app.rep.dispose(app)
+    assert app.errors == []
+
+    def moved(metric: str, **more: str) -> float:
+        return _delta(after, before, _key(metric, **db, **more))
+
+    assert moved("replicated_requests_total") == 3
+    assert moved("replicated_decisions_total", node="slave", reason="read") == 1
+    assert moved("replicated_decisions_total", node="master", reason="write_method") == 1
+    assert moved("replicated_decisions_total", node="master", reason="sticky_replicas_behind") == 1
+    assert moved("replicated_catch_up_wait_seconds_count") == 1
+    assert moved("replicated_catch_up_wait_seconds_sum") >= 0.04
+
+
+def test_warnings_carry_node_reason_and_database(flask_factory: Any, caplog: Any) -> None:
+    """A replica marked down logs a WARNING whose record has the metrics' fields.
+    (Seen failing with the extra fields left out.)"""
+    app = flask_factory("replica", f"logs_{uuid.uuid4().hex[:8]}")
+    router = app.extensions["replicated"].router(app)
+    with caplog.at_level(logging.WARNING, logger="replicated"):
+        router.health.mark_down(router.replicas[0], ConnectionError("refused"))
+    [record] = [r for r in caplog.records if "is down" in r.getMessage()]
+    fields = (record.node, record.reason, record.database)  # type: ignore[attr-defined]
+    assert fields == ("slave", "down", "master")
+
+
+# -- a real server ------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_hit_table(pg_cluster: Any) -> Iterator[None]:
+    """The README example's table 'hit' does not exist before, and is dropped after."""
+    drop = "DROP TABLE IF EXISTS hit"
+    pg_cluster.execute(pg_cluster.primary, drop)
+    yield
+    pg_cluster.execute(pg_cluster.primary, drop)
+    pg_cluster.wait_for_replay(include_delayed=True)
+
+
+@pytest.fixture
+def metrics_server(pg_cluster: Any, no_hit_table: None, tmp_path: Path) -> Iterator[str]:
+    """gunicorn serving the README's /metrics example (one sync worker) on loopback,
+    with 'lagging' as its replica; its URL. Stopped, every process of it, at the end."""
+    (tmp_path / "metrics_app.py").write_text(SNIPPETS[PROMETHEUS_EXAMPLE].source)
+    env = {
+        **os.environ,
+        "PRIMARY_URL": pg_cluster.primary.url("psycopg"),
+        "REPLICA_URL": pg_cluster.replica("lagging").url("psycopg"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+    }
+    with listening_socket(HOST) as sock:
+        command = [
+            *(sys.executable, "-m", "gunicorn", "--bind", f"fd://{sock.fileno()}"),
+            *("--workers", "1", "--timeout", "20", "metrics_app:app"),
+        ]
+        server = ServerProcess.start(
+            "gunicorn",
+            command,
+            cwd=tmp_path,
+            env=env,
+            log_path=tmp_path / "server.log",
+            pass_fds=[sock.fileno()],
+            redact=lambda text: text.replace(pg_cluster.password, "********"),
+        )
+        url = f"http://{HOST}:{sock.getsockname()[1]}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            server.check_running()
+            try:
+                if httpx.get(f"{url}/metrics", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.1)
+        yield url
+        server.check_running()
+    finally:
+        server.stop(signal.SIGINT)
+
+
+def test_a_real_server_scrape(pg_cluster: Any, metrics_server: str) -> None:
+    """GET /metrics from gunicorn serving the README's example: the counters moved by
+    the requests made (by reason and node), the replica's gauges are there with its
+    labels, and a writer's next read waited in the histogram. (Seen failing with the
+    node left out of the counter names, and with the wait's durations not recorded.)"""
+    pg_cluster.wait_for_replay(include_delayed=True)  # the table the app created
+    db = {"database": "master"}
+    labels = {**db, "node": "slave"}
+
+    def scrape() -> dict[Key, float]:
+        response = httpx.get(f"{metrics_server}/metrics", timeout=10)
+        assert response.status_code == 200
+        return _samples(response.text, "metrics_app")
+
+    with httpx.Client(base_url=metrics_server, timeout=10) as reader:
+        assert reader.get("/hits").status_code == 200  # starts the worker's prober
+        deadline = time.monotonic() + CHECK_TIMEOUT
+        while scrape().get(_key("replicated_replica_up", **labels)) != 1.0:
+            assert time.monotonic() < deadline, scrape()
+            time.sleep(0.05)
+        before = scrape()
+        for _ in range(10):
+            assert reader.get("/hits").status_code == 200
+            assert not reader.cookies  # no write, no sticky cookie
+    with httpx.Client(base_url=metrics_server, timeout=10) as writer:
+        assert writer.post("/hits").status_code == 201
+        # 'lagging' replays 500 ms late: the 0.1 s wait ends, the primary serves it.
+        assert writer.get("/hits").text == "1"
+    after = scrape()
+
+    def moved(name: str, **more: str) -> float:
+        return _delta(after, before, _key(name, **db, **more))
+
+    assert moved("replicated_requests_total") == 12
+    assert moved("replicated_decisions_total", node="slave", reason="read") == 10
+    assert moved("replicated_decisions_total", node="master", reason="write_method") == 1
+    assert moved("replicated_decisions_total", node="master", reason="sticky_replicas_behind") == 1
+    assert moved("replicated_writes_total") == 1
+    assert moved("replicated_sticky_hits_total") == 1
+    assert moved("replicated_catch_up_timeouts_total") == 1
+    assert moved("replicated_catch_up_wait_seconds_count") == 1
+    assert moved("replicated_catch_up_wait_seconds_sum") >= 0.09
+    for gauge in ("up", "usable", "weight"):
+        assert after[_key(f"replicated_replica_{gauge}", **labels)] == 1.0, gauge
+    assert after[_key("replicated_replica_lag_seconds", **labels)] >= 0
+    assert after[_key("replicated_replica_lag_bytes", **labels)] >= 0
+    gauges = {k for k in after if k[0].startswith("replicated_replica_")}
+    assert {dict(k[1])["node"] for k in gauges} == {"slave"}
+    rows = pg_cluster.execute(pg_cluster.primary, "SELECT count(*) FROM hit")
+    assert [row[0] for row in rows] == [1]
