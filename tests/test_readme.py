@@ -69,8 +69,19 @@ FLASK_QUICKSTART = ("Quickstart: Flask", 1)
 QUART_QUICKSTART = ("Quickstart: Quart", 1)
 QUART_CLI_COMMAND = ("Quickstart: Quart", 2)
 CELERY_JOBS = ("Read-your-writes for API clients and jobs", 1)
-PROMETHEUS_EXAMPLE = ("Prometheus metrics", 1)  # served by gunicorn in test_prometheus.py
-TESTED = {FLASK_QUICKSTART, QUART_QUICKSTART, QUART_CLI_COMMAND, CELERY_JOBS, PROMETHEUS_EXAMPLE}
+# Served by gunicorn in test_prometheus.py: one worker, then three in multiprocess mode.
+PROMETHEUS_EXAMPLE = ("Prometheus metrics", 1)
+MULTIPROCESS_EXAMPLE = ("Prometheus metrics", 2)
+MULTIPROCESS_GUNICORN_CONF = ("Prometheus metrics", 3)
+TESTED = {
+    FLASK_QUICKSTART,
+    QUART_QUICKSTART,
+    QUART_CLI_COMMAND,
+    CELERY_JOBS,
+    PROMETHEUS_EXAMPLE,
+    MULTIPROCESS_EXAMPLE,
+    MULTIPROCESS_GUNICORN_CONF,
+}
 
 
 def test_every_python_block_of_the_readme_has_a_test_here():
