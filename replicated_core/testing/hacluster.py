@@ -530,7 +530,9 @@ listen read
         self._runtime.give(users)
         users.write_text(f'"{SUPERUSER}" "{self.password}"\n')
         config = directory / "pgbouncer.ini"
-        nodes = "".join(f"app_{n.name} = host={HOST} port={n.port} dbname=app\n" for n in self.nodes)
+        nodes = "".join(
+            f"app_{node.name} = host={HOST} port={node.port} dbname=app\n" for node in self.nodes
+        )
         config.write_text(
             f"""[databases]
 app = host={HOST} port={self.write_port} dbname=app
