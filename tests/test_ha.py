@@ -4,10 +4,10 @@ its replicas (whichever is the leader is "not in recovery" and takes no reads), 
 by gunicorn (Flask, gthread) and hypercorn (Quart), 100 concurrent HTTP clients.
 
 Each scenario runs the load before, during and after a switchover (``patronictl``) or
-a failover (SIGKILL of the leader's postmaster), and reports what the clients saw in
-the terminal summary: failed reads (the target is 0), the window in which writes
-failed, and whether every write that answered success is on the new leader exactly
-once.
+a failover (SIGKILL of the leader's postmaster), and reports what the clients saw under
+"reliability figures" at the end of the run: failed reads (the target is 0), the
+window in which writes failed, and whether every write that answered success is on
+the new leader exactly once.
 """
 
 from __future__ import annotations
@@ -52,8 +52,6 @@ APP_CONFIG = {
     "REPLICATED_DEBUG_HEADER": DEBUG_HEADER,
     "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
 }
-
-FIGURES: list[str] = []
 
 
 @pytest.fixture(scope="module")
@@ -288,12 +286,16 @@ class Report:
     lost: list[str]  # tokens answered with success but not on the new leader
     doubled: list[str]
 
-    def line(self, name: str) -> str:
-        return (
-            f"{name}: {self.reads} reads, {len(self.failed_reads)} failed; "
-            f"{self.writes_ok} writes answered success, {len(self.failed_writes)} failed "
-            f"within {self.window:.1f} s; lost {len(self.lost)}, doubled {len(self.doubled)}"
-        )
+    def figures(self) -> dict[str, Any]:
+        return {
+            "reads": self.reads,
+            "failed reads": len(self.failed_reads),
+            "writes answered success": self.writes_ok,
+            "failed writes": len(self.failed_writes),
+            "within (s)": round(self.window, 1),
+            "lost": len(self.lost),
+            "doubled": len(self.doubled),
+        }
 
 
 def _report(cluster: Any, outcomes: list[Outcome]) -> Report:
@@ -350,7 +352,9 @@ def _failover(cluster: Any) -> Callable[[], Any]:
 
 @pytest.mark.parametrize("adapter", ["flask", "quart"])
 @pytest.mark.parametrize("event", ["switchover", "failover"])
-def test_primary_changes_under_load(ha: Any, adapter: str, event: str, tmp_path: Path) -> None:
+def test_primary_changes_under_load(
+    ha: Any, adapter: str, event: str, tmp_path: Path, reliability: Any
+) -> None:
     """Reads by clients that are not sticky keep being served; writes fail only while
     there is no leader, and resume by themselves; no write that answered success is
     doubled, and (asynchronous replication) what was lost is reported; the promoted
@@ -371,9 +375,9 @@ def test_primary_changes_under_load(ha: Any, adapter: str, event: str, tmp_path:
             for future in futures:
                 future.result()
     report = _report(ha, outcomes)
-    FIGURES.append(
-        report.line(f"{adapter} {event} {old.name}->{new}")
-        + f"; the change took {ended - started:.1f} s"
+    reliability(
+        f"HA, {adapter}, {event} {old.name}->{new}",
+        {**report.figures(), "the change took (s)": round(ended - started, 1)},
     )
     assert report.doubled == []
     assert report.failed_reads == [], (report.failed_reads[:3], _exceptions(_LOGS[adapter]))
@@ -390,13 +394,15 @@ def test_primary_changes_under_load(ha: Any, adapter: str, event: str, tmp_path:
     assert old.name in {o.node for o in late_reads}, "the old leader took no reads"
 
 
-def test_no_write_is_lost_with_synchronous_mode(ha_sync: Any, tmp_path: Path) -> None:
+def test_no_write_is_lost_with_synchronous_mode(
+    ha_sync: Any, tmp_path: Path, reliability: Any
+) -> None:
     """Patroni's synchronous_mode on: a failover promotes the synchronous standby, so
     every write that answered success is on the new leader, exactly once."""
     with _server(ha_sync, "flask", tmp_path) as url:
         outcomes, _, ended, new = _run_through(ha_sync, url, _failover(ha_sync))
     report = _report(ha_sync, outcomes)
-    FIGURES.append(report.line(f"flask failover, synchronous_mode on, ->{new}"))
+    reliability(f"HA, flask, failover with synchronous_mode ->{new}", report.figures())
     assert report.lost == []
     assert report.doubled == []
     assert report.failed_reads == [], report.failed_reads[:5]
@@ -425,7 +431,7 @@ PAIR_CLIENTS = 10
 
 
 @pytest.mark.parametrize("adapter", ["flask", "quart"])
-def test_through_pgbouncer(ha: Any, adapter: str, tmp_path: Path) -> None:
+def test_through_pgbouncer(ha: Any, adapter: str, tmp_path: Path, reliability: Any) -> None:
     """PgBouncer (transaction pooling) in front of the primary and each replica:
     reads on replicas and writes on the primary, a writer's next read sees its write
     (cookie and token header: positions and tokens hold), and a GET that writes is
@@ -490,9 +496,9 @@ def test_through_pgbouncer(ha: Any, adapter: str, tmp_path: Path) -> None:
                 roles[n.name] == ("replica", True, True) for n in ha.nodes if n.name != leader
             ), roles
             assert status["healthy"] is True
-    FIGURES.append(
-        f"{adapter} through PgBouncer: {total} POST/GET pairs, {stale} stale, "
-        f"{replica_reads} read on a replica"
+    reliability(
+        f"HA, {adapter} through PgBouncer",
+        {"POST/GET pairs": total, "stale": stale, "read on a replica": replica_reads},
     )
     assert total == PAIR_CLIENTS * PAIRS
     assert stale == 0
@@ -523,13 +529,3 @@ def _status(cluster: Any, urls: dict[str, str], config: dict[str, Any]) -> Any:
     assert cluster.password not in output
     assert result.returncode in (0, 1), output
     return json.loads(result.stdout)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_figures(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and FIGURES:
-        reporter.write_sep("-", "HA scenarios")
-        for line in FIGURES:
-            reporter.write_line(line)
