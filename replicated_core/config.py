@@ -186,9 +186,8 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
             if value[key] is not None:
                 raise ConfigError(
                     f"'{by_url}' and '{key}' are both set. Give the replicas one "
-                    "way: by URL in 'REPLICATED_REPLICAS' or 'REPLICATED_REPLICA_DISCOVERY' "
-                    "(the primary is then SQLALCHEMY_DATABASE_URI), or as binds named in "
-                    "'REPLICATED_REPLICA_BINDS'."
+                    f"way: by URL in '{by_url}' (the primary is then "
+                    "SQLALCHEMY_DATABASE_URI), or as binds named in 'REPLICATED_REPLICA_BINDS'."
                 )
     else:
         raw_primary = value["REPLICATED_PRIMARY_BIND"]
@@ -353,9 +352,12 @@ def _discovery(value: object) -> DiscoverySpec | None:
     key = "REPLICATED_REPLICA_DISCOVERY"
     if value is None:
         return None
-    example = "{'url': 'postgresql+psycopg://app@replicas.db.internal/app', 'interval': 30}"
     if not isinstance(value, Mapping):
-        raise ConfigError(f"'{key}' must be a dict such as {example}, got {_shown(value)}.")
+        raise ConfigError(
+            f"'{key}' must be a dict such as {{'url': "
+            f"'postgresql://app@replicas.db.internal/app', 'interval': 30}}, got "
+            f"{_shown(value)}."
+        )
     unknown = sorted(str(k) for k in value if k not in _DISCOVERY_KEYS)
     if unknown:
         known = ", ".join(repr(k) for k in _DISCOVERY_KEYS)
@@ -365,7 +367,9 @@ def _discovery(value: object) -> DiscoverySpec | None:
         )
     raw = value.get("url")
     if not isinstance(raw, str | URL) or not raw:
-        raise ConfigError(f"'{key}['url']' must be a database URL, as in {example}.")
+        raise ConfigError(
+            f"'{key}['url']' must be a database URL whose host is the DNS name to resolve."
+        )
     try:
         url = make_url(raw)
     except Exception as error:
@@ -373,9 +377,9 @@ def _discovery(value: object) -> DiscoverySpec | None:
             f"'{key}['url']' is not a database URL ({type(error).__name__}). Write it as "
             "SQLALCHEMY_DATABASE_URI is written, with the DNS name to resolve as its host."
         ) from None
-    if url.get_backend_name() != "postgresql" or not url.host:
+    if not url.host:
         raise ConfigError(
-            f"'{key}['url']' must be a PostgreSQL URL whose host is the DNS name to "
+            f"'{key}['url']' must be a database server's URL whose host is the DNS name to "
             f"resolve, got {_shown(url)}."
         )
     record = value.get("record", "A")

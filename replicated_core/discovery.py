@@ -64,12 +64,12 @@ def require_dnspython() -> None:
         ) from None
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class Target:
     """One replica address found in DNS."""
 
     address: str
-    port: int
+    port: int | None  # None: the URL has none, so the driver's default
 
 
 @dataclass(slots=True)
@@ -236,7 +236,7 @@ class Discovery:
         return self._checked(targets)
 
     def _from_a(self, answer: Any) -> list[Target]:
-        port = self.spec.url.port or 5432
+        port = self.spec.url.port
         return self._checked([Target(r.address, port) for r in answer])
 
     @staticmethod
@@ -258,7 +258,7 @@ class Discovery:
     def _checked(self, targets: list[Target]) -> list[Target]:
         if not targets:
             raise LookupError("no address in the answer")
-        return sorted(set(targets))
+        return sorted(set(targets), key=lambda t: (t.address, t.port or 0))
 
     def _failed(self, error: BaseException) -> None:
         self.failures += 1
@@ -285,6 +285,8 @@ class Discovery:
     # -- applying ---------------------------------------------------------------------
 
     def _name(self, target: Target) -> str:
+        if target.port is None:
+            return f"{self.spec.name}/{target.address}"
         return f"{self.spec.name}/{target.address}:{target.port}"
 
     def _apply(self, targets: list[Target]) -> None:

@@ -46,6 +46,14 @@ _COUNTERS = (
     ),
     ("catch_up_checks", "Catch-up queries run on a replica."),
     ("catch_up_timeouts", "Catch-up queries that ended before the replica replayed the write."),
+    (
+        "discovery_resolutions",
+        "DNS resolutions of REPLICATED_REPLICA_DISCOVERY that answered with replicas.",
+    ),
+    (
+        "discovery_failures",
+        "DNS resolutions of REPLICATED_REPLICA_DISCOVERY that failed (the last set is kept).",
+    ),
 )
 
 

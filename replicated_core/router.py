@@ -315,12 +315,18 @@ class Router:
     def metrics(self) -> dict[str, int]:
         """Every counter of this router: decisions by reason (and by reason and node,
         as ``requests_by.<reason>.<node>``), writes, sticky hits, fallbacks, retries,
-        replicas marked down, position checks and catch-up waits."""
-        return {
+        replicas marked down, position checks and catch-up waits; with discovery, the
+        DNS resolutions that answered and those that failed."""
+        found = {
             **self.counters.snapshot(),
             "replicas_marked_down": self.health.marked_down,
             "position_checks": self.health.refreshes,
         }
+        discovery = self.discovery
+        if discovery is not None:
+            found["discovery_resolutions"] = discovery.resolutions
+            found["discovery_failures"] = discovery.failures
+        return found
 
     # -- per statement -----------------------------------------------------------
 

@@ -111,6 +111,15 @@ def _wait(predicate: Any, what: str) -> float:
     return time.monotonic() - start
 
 
+def _usable_in_prometheus(router: Any) -> dict[str, float]:
+    from replicated_core.prometheus import ReplicatedCollector
+
+    [usable] = [
+        m for m in ReplicatedCollector(lambda: [router]).collect() if m.name.endswith("usable")
+    ]
+    return {sample.labels["node"]: sample.value for sample in usable.samples}
+
+
 def _names(router: Any) -> set[str]:
     return {node.name for node in router.replicas}
 
@@ -141,9 +150,15 @@ def test_flask_replicas_join_and_leave_with_their_a_records(a_cluster, dns_serve
         assert joined_after < INTERVAL * 1.1 + 2.0
         assert seen <= {f"127.0.0.2:{port}:True", f"127.0.0.3:{port}:True"}
 
+        assert _usable_in_prometheus(router) == {
+            f"{NAME}/127.0.0.2:{port}": 1.0,
+            f"{NAME}/127.0.0.3:{port}": 1.0,
+        }
+
         dns_server.set_a(NAME, ["127.0.0.3"])
         _wait(lambda: _names(router) == {f"{NAME}/127.0.0.3:{port}"}, "127.0.0.2 leaves")
         assert {_flask_who(client) for _ in range(30)} == {f"127.0.0.3:{port}:True"}
+        assert _usable_in_prometheus(router) == {f"{NAME}/127.0.0.3:{port}": 1.0}
         assert a_cluster.password not in caplog.text
     finally:
         _dispose_flask(app)
@@ -229,10 +244,13 @@ def test_flask_a_resolver_down_keeps_the_last_set(a_cluster, dns_server, caplog)
         failures = discovery.failures
         _wait(lambda: _flask_who(client) and discovery.failures >= failures + 3, "3 failures")
         assert _names(router) == before
+        assert router.metrics()["discovery_failures"] == discovery.failures >= 3
         answers = {_flask_who(client) for _ in range(40)}
         assert answers == {f"127.0.0.2:{port}:True", f"127.0.0.3:{port}:True"}
         status = discovery.status()
-        assert status.error is not None and status.error.startswith("LifetimeTimeout")
+        assert str(status.error).startswith(
+            "LifetimeTimeout: The resolution lifetime expired after "
+        )
         failed = [r for r in caplog.records if r.getMessage().startswith("Could not resolve")]
         assert len(failed) == 1  # once per episode
         assert failed[0].levelno == logging.WARNING
@@ -425,8 +443,12 @@ async def test_quart_a_request_in_flight_on_a_leaving_replica_completes_then_it_
             return router.discovery.status().draining == ()
 
         await _wait_async(drained, "127.0.0.2 is drained")
-        assert leaving.name not in rep._state(app).by_node
-        assert pool.checkedin() == 0
+
+        async def disposed() -> bool:
+            await _quart_who(client)
+            return leaving.name not in rep._state(app).by_node and pool.checkedin() == 0
+
+        await _wait_async(disposed, "the engine of 127.0.0.2 is disposed of")
     finally:
         await rep.dispose(app)
 
@@ -459,21 +481,21 @@ def test_bad_discovery_settings_fail_with_a_sentence_naming_the_key():
         "'127.0.0.1:5353', got 'dns.local'."
     )
     assert _error({"url": "sqlite:///replica.db"}) == (
-        f"'{key}['url']' must be a PostgreSQL URL whose host is the DNS name to resolve, got "
-        "'sqlite:///replica.db'."
+        f"'{key}['url']' must be a database server's URL whose host is the DNS name to "
+        "resolve, got 'sqlite:///replica.db'."
     )
-    assert _error({"url": "mysql://app:s3cret@replicas.test/app"}) == (
-        f"'{key}['url']' must be a PostgreSQL URL whose host is the DNS name to resolve, got "
-        "'mysql://app:***@replicas.test/app'."
+    assert _error({"url": "postgresql://app:s3cret@/app?host=/run/postgresql"}) == (
+        f"'{key}['url']' must be a database server's URL whose host is the DNS name to "
+        "resolve, got 'postgresql://app:***@/app?host=%2Frun%2Fpostgresql'."
     )
     assert _error({"url": url}, REPLICATED_REPLICA_BINDS=["slave"]) == (
         f"'{key}' and 'REPLICATED_REPLICA_BINDS' are both set. Give the replicas one way: by "
-        "URL in 'REPLICATED_REPLICAS' or 'REPLICATED_REPLICA_DISCOVERY' (the primary is then "
-        "SQLALCHEMY_DATABASE_URI), or as binds named in 'REPLICATED_REPLICA_BINDS'."
+        f"URL in '{key}' (the primary is then SQLALCHEMY_DATABASE_URI), or as binds named in "
+        "'REPLICATED_REPLICA_BINDS'."
     )
     assert _error(url) == (
         f"'{key}' must be a dict such as {{'url': "
-        "'postgresql+psycopg://app@replicas.db.internal/app', 'interval': 30}, got "
+        "'postgresql://app@replicas.db.internal/app', 'interval': 30}, got "
         "'postgresql://app:***@replicas.test/app'."
     )
 
