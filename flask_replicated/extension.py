@@ -151,8 +151,8 @@ class FlaskReplicated:
         router = self.router(app)
         results: dict[str, tuple[object, ...] | BaseException] = {}
         for name, sql in status_queries(router).items():
-            node = router.node_named(name)
             try:
+                node = router.node_named(name)  # KeyError: it left DNS meanwhile
                 with node.engine.connect() as conn:
                     results[name] = tuple(conn.execute(text(sql)).one())
             except Exception as error:

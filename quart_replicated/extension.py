@@ -85,11 +85,10 @@ class _AppState:
 
     async def dispose_replica(self, node: Node) -> None:
         """Close the connections of a replica that left DNS, once they are all back."""
-        by_node = dict(self.by_node)
-        engine = by_node.pop(node.name, None)
-        self.by_node = by_node
+        engine = self.by_node.get(node.name)
         if engine is not None:
-            await engine.dispose()
+            await engine.dispose()  # still in by_node if cancelled: dispose() closes it
+        self.by_node = {name: e for name, e in self.by_node.items() if name != node.name}
 
     async def probe_replica(self, node: Node) -> ReplicaProbe:
         """Read a replica's replay position and lag: one round trip on a pooled

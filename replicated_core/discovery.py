@@ -106,9 +106,8 @@ class Discovery:
         self.dispose_async = dispose_async
         self.clock = clock
         self._nodes: dict[str, Node] = {}  # the discovered replicas, by name
-        self._random = random.Random()
+        self._leaving: list[_Leaving] = []  # those that left and are not disposed of yet
         self.after_fork()
-        self._leaving: list[_Leaving] = []
         self.resolutions = 0
         self.failures = 0
         self._resolved_at: float | None = None
@@ -121,7 +120,7 @@ class Discovery:
         self._resolving = False
         self._next = 0.0
         self._random = random.Random()
-        for leaving in getattr(self, "_leaving", ()):
+        for leaving in self._leaving:
             leaving.node.engine.dispose(close=False)
         self._leaving = []
 

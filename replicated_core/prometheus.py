@@ -193,7 +193,8 @@ def _add_replicas(router: Router, base: list[str], gauges: dict[str, GaugeMetric
         if probe is None:
             continue  # nothing known of its replay: no lag to report
         gauges["lag_seconds"].add_metric(labels, state.lag_seconds)
-        lag_bytes = router.backends[node.name].distance(furthest, probe.replay_lsn)
+        backend = router.backends.get(node.name)  # None: it left DNS during the scrape
+        lag_bytes = None if backend is None else backend.distance(furthest, probe.replay_lsn)
         if lag_bytes is not None:
             gauges["lag_bytes"].add_metric(labels, float(lag_bytes))
 
