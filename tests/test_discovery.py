@@ -334,13 +334,13 @@ def test_flask_srv_records_give_each_replica_its_port(pg_cluster, dns_server):
 # -- Quart -------------------------------------------------------------------------------
 
 
-def _quart_app(cluster: Any, dns: Any, record: str = "A") -> Quart:
+def _quart_app(cluster: Any, dns: Any, record: str = "A", **extra: Any) -> Quart:
     app = Quart(__name__)
     app.config.update(
         SECRET_KEY="discovery-tests",
         SQLALCHEMY_DATABASE_URI=cluster.primary.url("asyncpg"),
         REPLICATED_CHECK_INTERVAL=0.05,
-        REPLICATED_REPLICA_DISCOVERY=_discovery(cluster, dns, "asyncpg", record),
+        REPLICATED_REPLICA_DISCOVERY=_discovery(cluster, dns, "asyncpg", record, **extra),
     )
     rep = QuartReplicated(app)
 
@@ -449,6 +449,52 @@ async def test_quart_a_request_in_flight_on_a_leaving_replica_completes_then_it_
             return leaving.name not in rep._state(app).by_node and pool.checkedin() == 0
 
         await _wait_async(disposed, "the engine of 127.0.0.2 is disposed of")
+    finally:
+        await rep.dispose(app)
+
+
+async def test_quart_resolver_down_keeps_the_last_set_and_status_shows_it(
+    a_cluster, dns_server, caplog
+):
+    port = a_cluster.replicas[0].port
+    dns_server.set_a(NAME, ["127.0.0.2", "127.0.0.3"])
+    app = _quart_app(a_cluster, dns_server, timeout=0.2)
+    rep = app.extensions["replicated"]
+    router = rep.router(app)
+    discovery = router.discovery
+    client = app.test_client()
+    names = (f"{NAME}/127.0.0.2:{port}", f"{NAME}/127.0.0.3:{port}")
+    try:
+        await _quart_who(client)
+        await asyncio.to_thread(dns_server.stop)
+        failures = discovery.failures
+
+        async def failed_thrice() -> bool:
+            await _quart_who(client)  # the prober runs while requests come
+            return discovery.failures >= failures + 3
+
+        await _wait_async(failed_thrice, "3 failed resolutions")
+        assert tuple(sorted(_names(router))) == names
+        answers = {await _quart_who(client) for _ in range(40)}
+        assert answers == {f"127.0.0.2:{port}:True", f"127.0.0.3:{port}:True"}
+        failed = [r for r in caplog.records if r.getMessage().startswith("Could not resolve")]
+        assert len(failed) == 1
+
+        status = (await rep.status(app)).discovery
+        assert status is not None
+        assert (status.replicas, status.draining) == (names, ())
+        assert str(status.error).startswith("LifetimeTimeout: ")
+        assert status.resolved_ago is not None
+        assert status.resolved_ago > INTERVAL  # the last one that answered
+        assert (
+            (await rep.status(app))
+            .to_table()
+            .splitlines()[-1]
+            .startswith(
+                f"discovery: A records of {NAME} every {INTERVAL:g} s: 2 replicas, resolved "
+            )
+        )
+        assert a_cluster.password not in caplog.text
     finally:
         await rep.dispose(app)
 
