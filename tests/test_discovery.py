@@ -312,6 +312,38 @@ def test_flask_status_shows_discovery(a_cluster, dns_server):
         _dispose_flask(app)
 
 
+@pytest.mark.filterwarnings("ignore:This process .* fork:DeprecationWarning")
+def test_flask_workers_forked_after_discovery_resolve_on_their_own(a_cluster, dns_server):
+    """gunicorn --preload: the app resolved and read before the fork; each child reads
+    from the discovered replicas and resolves again itself (no lock or thread of the
+    parent's)."""
+    from test_forks import run_children
+
+    port = a_cluster.replicas[0].port
+    dns_server.set_a(NAME, ["127.0.0.2", "127.0.0.3"])
+    app = _flask_app(a_cluster, dns_server)
+    router = app.extensions["replicated"].router(app)
+    client = app.test_client()
+    try:
+        _flask_who(client)  # the prober runs, the pools hold connections
+        before = router.discovery.resolutions
+
+        def child(index: int) -> dict[str, Any]:
+            answers = sorted({_flask_who(client) for _ in range(20)})
+            start = time.monotonic()
+            while router.discovery.resolutions <= before and time.monotonic() - start < 5:
+                _flask_who(client)
+                time.sleep(0.02)
+            return {"answers": answers, "resolved": router.discovery.resolutions > before}
+
+        reports = run_children(child)
+        assert reports == [
+            {"answers": [f"127.0.0.2:{port}:True", f"127.0.0.3:{port}:True"], "resolved": True}
+        ] * len(reports)
+    finally:
+        _dispose_flask(app)
+
+
 # -- Flask, SRV records ------------------------------------------------------------------
 
 
