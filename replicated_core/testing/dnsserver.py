@@ -32,6 +32,7 @@ _START_TIMEOUT = 10.0
 _CHANGE_TIMEOUT = 10.0
 _POLL_INTERVAL = 0.02
 _READY = "ready.dnsserver.test"
+_PORT_ATTEMPTS = 5
 
 
 class DnsServerError(RuntimeError):
@@ -46,11 +47,18 @@ def find_dnsmasq() -> Path | None:
     return Path(found) if found else None
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-    return port
+def _free_port() -> int:
+    # dnsmasq listens on TCP and UDP: a port free for both.
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((HOST, 0))
+            port: int = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((HOST, port))
+                except OSError:
+                    continue
+        return port
 
 
 class DnsServer:
@@ -64,7 +72,7 @@ class DnsServer:
     def __init__(self, directory: Path, binary: Path) -> None:
         self.directory = directory
         self.binary = binary
-        self.port = _free_udp_port()
+        self.port = _free_port()
         self._hosts = directory / "hosts"
         self._log = directory / "dnsmasq.log"
         self._a: dict[str, tuple[str, ...]] = {}
@@ -83,7 +91,17 @@ class DnsServer:
         directory.chmod(0o755)  # dnsmasq may read the hosts file as another user
         server = cls(directory, binary)
         server._write_hosts()
-        server.start()
+        for attempt in range(_PORT_ATTEMPTS):
+            try:
+                server.start()
+            except DnsServerError:
+                # Taken between the choice and the start (a client's ephemeral port):
+                # another port, while no one has been told this one.
+                if attempt == _PORT_ATTEMPTS - 1 or b"already in use" not in server._log_bytes():
+                    raise
+                server.port = _free_port()
+            else:
+                break
         return server
 
     @property
@@ -244,6 +262,12 @@ class DnsServer:
                     f"({kind}) after {_CHANGE_TIMEOUT:g} seconds, not {expected}."
                 )
             time.sleep(_POLL_INTERVAL)
+
+    def _log_bytes(self) -> bytes:
+        try:
+            return self._log.read_bytes()
+        except OSError:
+            return b""
 
     def _log_tail(self) -> str:
         try:
