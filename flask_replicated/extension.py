@@ -80,6 +80,7 @@ class FlaskReplicated:
         if config.discovery is not None:
             require_dnspython()
         engines, replica_engines = prepare_engines(db, app, config)
+        make = discovered_engines(db, app, config.discovery) if config.discovery else None
         default = engines.get(None)
         binds = {key: engine for key, engine in engines.items() if key is not None}
         primary, replicas = build_nodes(config, binds, default, replica_engines)
@@ -98,8 +99,7 @@ class FlaskReplicated:
         )
         if router.catch_up is not None:
             router.catch_up.run = first_row
-        if config.discovery is not None:
-            make = discovered_engines(db, app, config.discovery)
+        if config.discovery is not None and make is not None:
             discovery = Discovery(config.discovery, router, make, dispose=_dispose_engine)
             router.discovery = prober.discovery = discovery
             discovery.refresh()  # the first requests find the replicas there now

@@ -151,7 +151,9 @@ class QuartReplicated:
             require_dnspython()
             # Made (and disposed of) once here, so that bad options fail at start-up.
             spec = config.discovery
-            create_discovered_engine(app.config, self._engine_options, spec, spec.url)
+            create_discovered_engine(
+                app.config, self._engine_options, spec, spec.url
+            ).sync_engine.dispose()
         engines, replica_engines = create_engines(app.config, self._engine_options, config)
         default = engines.get(None)
         binds = {key: e.sync_engine for key, e in engines.items() if key is not None}

@@ -578,6 +578,34 @@ def test_bad_discovery_settings_fail_with_a_sentence_naming_the_key():
     )
 
 
+def test_bad_engine_options_of_discovered_replicas_fail_at_start_up():
+    discovery = {
+        "url": "postgresql+psycopg://app:s3cret@replicas.test/app",
+        "engine_options": {"pool_sizee": 3},
+    }
+    app = Flask(__name__)
+    app.config.update(SQLALCHEMY_DATABASE_URI="sqlite://", REPLICATED_REPLICA_DISCOVERY=discovery)
+    SQLAlchemy(app)
+    with pytest.raises(ConfigError) as caught:
+        FlaskReplicated(app)
+    assert str(caught.value) == (
+        "'REPLICATED_REPLICA_DISCOVERY' cannot make an engine (TypeError): check its 'url' "
+        "and 'engine_options'."
+    )
+    quart = Quart(__name__)
+    quart.config.update(
+        SQLALCHEMY_DATABASE_URI="sqlite+aiosqlite://",
+        REPLICATED_REPLICA_DISCOVERY={
+            **discovery,
+            "url": "postgresql+asyncpg://app@replicas.test/app",
+        },
+    )
+    with pytest.raises(ConfigError) as caught:
+        QuartReplicated(quart)
+    assert str(caught.value).startswith("'REPLICATED_REPLICA_DISCOVERY' cannot be used: TypeError.")
+    assert "s3cret" not in str(caught.value)
+
+
 def test_discovery_settings_defaults_and_nameserver_ports():
     config = load_config(
         {
