@@ -10,15 +10,20 @@ from sqlalchemy.engine import URL, Engine
 
 from replicated_core.binds import is_shared_primary
 from replicated_core.config import DEFAULT_PRIMARY_BIND
+from replicated_core.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from flask import Flask
     from flask_sqlalchemy import SQLAlchemy
 
-    from replicated_core.config import ReplicatedConfig
+    from replicated_core.config import DiscoverySpec, ReplicatedConfig
     from replicated_core.router import Router
 
-__all__ = ["RoutedEngines", "install_routed_engines", "prepare_engines"]
+    EngineFactory = Callable[[str, URL], Engine]
+
+__all__ = ["RoutedEngines", "discovered_engines", "install_routed_engines", "prepare_engines"]
 
 
 class RoutedEngines(dict[str | None, Engine]):
@@ -67,7 +72,7 @@ def prepare_engines(
     engines = maker.engines
     default = engines.get(None)
     replica_engines: dict[str, Engine] = {}
-    if config.replicas:
+    if config.replicas or config.discovery is not None:
         if default is not None:  # else build_nodes says what is missing
             for spec in config.replicas:
                 replica_engines[spec.name] = maker.make(spec.name, spec.url, spec.options)
@@ -88,6 +93,27 @@ def prepare_engines(
         if name in engines:
             maker.remake(name)
     return engines, replica_engines
+
+
+def discovered_engines(db: SQLAlchemy, app: Flask, spec: DiscoverySpec) -> EngineFactory:
+    """What makes the engine of each replica found through DNS: as the replicas given by
+    URL, with ``SQLALCHEMY_ENGINE_OPTIONS`` under the spec's ``engine_options``. One
+    engine is made (and disposed of) here, so that bad options fail at start-up."""
+    maker = _EngineMaker(db, app)
+    options = dict(spec.engine_options)
+    try:
+        maker.make(None, spec.url, options).dispose()
+    except Exception as error:
+        # The URL is left out of the message: it may hold a password.
+        raise ConfigError(
+            f"'REPLICATED_REPLICA_DISCOVERY' cannot make an engine ({type(error).__name__}): "
+            "check its 'url' and 'engine_options'."
+        ) from None
+
+    def make(name: str, url: URL) -> Engine:
+        return maker.make(name, url, options)
+
+    return make
 
 
 def install_routed_engines(db: SQLAlchemy, app: Flask, router: Router) -> None:

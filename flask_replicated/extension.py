@@ -17,6 +17,7 @@ from replicated_core.backends import ReplicaProbe, backend_for
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, StickyMode, load_config, options_to_settings
 from replicated_core.cookie import find_cookie
+from replicated_core.discovery import Discovery, require_dnspython
 from replicated_core.failover import lost_connection, with_failover
 from replicated_core.prober import ThreadProber
 from replicated_core.router import PROBE_MARK, Router
@@ -28,7 +29,7 @@ from replicated_core.status import (
 )
 from replicated_core.sticky import StickyCodec, token_salt
 
-from .engines import install_routed_engines, prepare_engines
+from .engines import discovered_engines, install_routed_engines, prepare_engines
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -76,7 +77,10 @@ class FlaskReplicated:
         for key, value in {**DEFAULTS, **self._settings}.items():
             app.config.setdefault(key, value)
         config = load_config(app.config)
+        if config.discovery is not None:
+            require_dnspython()
         engines, replica_engines = prepare_engines(db, app, config)
+        make = discovered_engines(db, app, config.discovery) if config.discovery else None
         default = engines.get(None)
         binds = {key: engine for key, engine in engines.items() if key is not None}
         primary, replicas = build_nodes(config, binds, default, replica_engines)
@@ -90,9 +94,15 @@ class FlaskReplicated:
             else None
         )
         router = Router(config, primary, replicas, codec, name=app.name)
-        router.prober = ThreadProber(router.health, probe_replica, on_overdue=router.cut_off)
+        router.prober = prober = ThreadProber(
+            router.health, probe_replica, on_overdue=router.cut_off
+        )
         if router.catch_up is not None:
             router.catch_up.run = first_row
+        if config.discovery is not None and make is not None:
+            discovery = Discovery(config.discovery, router, make, dispose=_dispose_engine)
+            router.discovery = prober.discovery = discovery
+            discovery.refresh()  # the first requests find the replicas there now
         install_routed_engines(db, app, router)
         self._routers[app] = router
         app.extensions["replicated"] = self
@@ -141,8 +151,8 @@ class FlaskReplicated:
         router = self.router(app)
         results: dict[str, tuple[object, ...] | BaseException] = {}
         for name, sql in status_queries(router).items():
-            node = router.node_named(name)
             try:
+                node = router.node_named(name)  # KeyError: it left DNS meanwhile
                 with node.engine.connect() as conn:
                     results[name] = tuple(conn.execute(text(sql)).one())
             except Exception as error:
@@ -296,6 +306,11 @@ def _replace_teardown(app: Flask, db: SQLAlchemy, close: Callable[[Any], None]) 
             funcs[index] = close
             return
     app.teardown_appcontext(close)
+
+
+def _dispose_engine(node: Node) -> None:
+    # A replica that left DNS, whose connections are all back in its pool.
+    node.engine.dispose()
 
 
 def probe_replica(node: Node) -> ReplicaProbe:

@@ -13,9 +13,9 @@ from replicated_core.config import DEFAULT_PRIMARY_BIND
 from replicated_core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from replicated_core.config import ReplicatedConfig
+    from replicated_core.config import DiscoverySpec, ReplicatedConfig
 
-__all__ = ["create_engines"]
+__all__ = ["create_discovered_engine", "create_engines"]
 
 
 def create_engines(
@@ -45,6 +45,7 @@ def create_engines(
     primary_bind = replicated.primary_bind or DEFAULT_PRIMARY_BIND
     shared_primary = (
         not replicated.replicas
+        and replicated.discovery is None
         and uri is not None
         and primary_bind in binds
         and _is_shared_primary(uri, _url_of(binds[primary_bind]))
@@ -68,6 +69,16 @@ def create_engines(
             engine.sync_engine.dispose()
         raise
     return engines, replicas
+
+
+def create_discovered_engine(
+    config: Mapping[str, Any], engine_options: Mapping[str, Any], spec: DiscoverySpec, url: URL
+) -> AsyncEngine:
+    """The AsyncEngine of a replica found through DNS at ``url``: the options of every
+    engine (``SQLALCHEMY_ENGINE_OPTIONS``, ``engine_options``) under the spec's own."""
+    shared = {**config.get("SQLALCHEMY_ENGINE_OPTIONS", {}), **engine_options}
+    own = {**spec.engine_options, "url": url}
+    return _create("REPLICATED_REPLICA_DISCOVERY", own, shared)
 
 
 def _url_of(spec: Any) -> Any:

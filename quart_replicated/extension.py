@@ -24,6 +24,7 @@ from replicated_core.backends import ReplicaProbe, backend_for
 from replicated_core.binds import build_nodes
 from replicated_core.config import DEFAULTS, load_config, options_to_settings
 from replicated_core.cookie import find_cookie
+from replicated_core.discovery import Discovery, require_dnspython
 from replicated_core.failover import lost_connection, with_failover
 from replicated_core.prober import TaskProber
 from replicated_core.router import Router
@@ -36,11 +37,15 @@ from replicated_core.status import (
 )
 from replicated_core.sticky import StickyCodec, token_salt
 
-from .engines import create_engines
+from .engines import create_discovered_engine, create_engines
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from sqlalchemy.engine import URL, Engine
     from sqlalchemy.orm import Session
 
+    from replicated_core.config import DiscoverySpec
     from replicated_core.nodes import Node
 
 __all__ = ["QuartReplicated"]
@@ -64,6 +69,26 @@ class _AppState:
             auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
             row = (await auto.execute(text(sql))).first()
         return None if row is None else tuple(row)
+
+    def discovered_engine(
+        self, config: Mapping[str, Any], engine_options: Mapping[str, Any], spec: DiscoverySpec
+    ) -> Callable[[str, URL], Engine]:
+        """What makes the engine of each replica found through DNS (the sync engine of an
+        AsyncEngine, which ``by_node`` then holds)."""
+
+        def make(name: str, url: URL) -> Engine:
+            engine = create_discovered_engine(config, engine_options, spec, url)
+            self.by_node = {**self.by_node, name: engine}  # a new dict: requests read it
+            return engine.sync_engine
+
+        return make
+
+    async def dispose_replica(self, node: Node) -> None:
+        """Close the connections of a replica that left DNS, once they are all back."""
+        engine = self.by_node.get(node.name)
+        if engine is not None:
+            await engine.dispose()  # still in by_node if cancelled: dispose() closes it
+        self.by_node = {name: e for name, e in self.by_node.items() if name != node.name}
 
     async def probe_replica(self, node: Node) -> ReplicaProbe:
         """Read a replica's replay position and lag: one round trip on a pooled
@@ -122,6 +147,13 @@ class QuartReplicated:
         for key, value in {**DEFAULTS, **self._settings}.items():
             app.config.setdefault(key, value)
         config = load_config(app.config)
+        if config.discovery is not None:
+            require_dnspython()
+            # Made (and disposed of) once here, so that bad options fail at start-up.
+            spec = config.discovery
+            create_discovered_engine(
+                app.config, self._engine_options, spec, spec.url
+            ).sync_engine.dispose()
         engines, replica_engines = create_engines(app.config, self._engine_options, config)
         default = engines.get(None)
         binds = {key: e.sync_engine for key, e in engines.items() if key is not None}
@@ -161,6 +193,17 @@ class QuartReplicated:
             state.prober = router.prober = TaskProber(router.health, state.probe_replica)
         if router.catch_up is not None:
             router.catch_up.run_async = state.first_row
+        if config.discovery is not None:
+            discovery = Discovery(
+                config.discovery,
+                router,
+                state.discovered_engine(app.config, self._engine_options, config.discovery),
+                dispose_async=state.dispose_replica,
+            )
+            router.discovery = discovery
+            if state.prober is not None:
+                state.prober.discovery = discovery
+            discovery.refresh()  # the first requests find the replicas there now
         self._apps[app] = state
         app.extensions["replicated"] = self
         _hook(app, state)

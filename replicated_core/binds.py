@@ -48,7 +48,7 @@ def build_nodes(
     With ``REPLICATED_REPLICAS`` the primary is the default URI and the replicas are
     ``replica_engines``, by replica name.
     """
-    if config.replicas:
+    if config.replicas or config.discovery is not None:
         return _nodes_from_urls(config, default, replica_engines or {})
     key = "REPLICATED_PRIMARY_BIND"
     name = config.primary_bind or DEFAULT_PRIMARY_BIND
@@ -93,8 +93,9 @@ def _nodes_from_urls(
     config: ReplicatedConfig, default: Engine | None, engines: Mapping[str, Engine]
 ) -> tuple[Node, list[Node]]:
     if default is None:
+        key = "REPLICATED_REPLICAS" if config.replicas else "REPLICATED_REPLICA_DISCOVERY"
         raise ConfigError(
-            "'REPLICATED_REPLICAS' gives replicas of SQLALCHEMY_DATABASE_URI, which is not "
+            f"'{key}' gives replicas of SQLALCHEMY_DATABASE_URI, which is not "
             "set. Set it to the primary's URL."
         )
     primary = Node(DEFAULT_PRIMARY_NAME, Role.PRIMARY, default)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -12,7 +13,15 @@ from sqlalchemy.engine import URL, make_url
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULTS", "ReplicaURL", "ReplicatedConfig", "StickyMode", "load_config"]
+__all__ = [
+    "DEFAULTS",
+    "DiscoverySpec",
+    "RecordType",
+    "ReplicaURL",
+    "ReplicatedConfig",
+    "StickyMode",
+    "load_config",
+]
 
 PREFIX = "REPLICATED_"
 
@@ -60,6 +69,7 @@ DEFAULTS: Mapping[str, object] = {
     "REPLICATED_CATCH_UP_TIMEOUT": 0.1,
     "REPLICATED_REPLICA_WEIGHTS": None,
     "REPLICATED_PREFER_LEAST_LAG": False,
+    "REPLICATED_REPLICA_DISCOVERY": None,
 }
 
 # RFC 6265 cookie-name token: visible ASCII except separators.
@@ -74,6 +84,36 @@ class ReplicaURL:
     name: str
     url: URL
     options: Mapping[str, object] = field(default_factory=dict)
+
+
+class RecordType(enum.Enum):
+    """The DNS records that list discovered replicas."""
+
+    A = "A"  # one address per record; the port is the URL's
+    SRV = "SRV"  # a host and a port per record
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverySpec:
+    """``REPLICATED_REPLICA_DISCOVERY``: replicas found by resolving the URL's host.
+
+    ``nameservers`` are (address, port) pairs; empty: the system's resolver settings.
+    ``timeout`` bounds one resolution; a replica gone from DNS is disposed of once its
+    connections are back in its pool, or after ``drain_timeout``.
+    """
+
+    url: URL
+    record: RecordType = RecordType.A
+    interval: float = 30.0
+    nameservers: tuple[tuple[str, int], ...] = ()
+    timeout: float = 2.0
+    drain_timeout: float = 60.0
+    engine_options: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The DNS name looked up (the URL's host)."""
+        return self.url.host or ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +148,8 @@ class ReplicatedConfig:
     replica_weights: Mapping[str, float] = field(default_factory=dict)
     # Of the replicas that may serve a read, only the least lagging take it.
     prefer_least_lag: bool = False
+    # Replicas found through DNS, besides ``replicas``; None: none.
+    discovery: DiscoverySpec | None = None
 
     def replica_weight(self, name: str) -> float:
         """The weight of the replica called ``name`` (1 unless configured)."""
@@ -135,14 +177,16 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
     sticky_mode = _enum("REPLICATED_STICKY_MODE", value, StickyMode)
     sticky_seconds = value["REPLICATED_STICKY_SECONDS"]
     replicas = _replicas(value["REPLICATED_REPLICAS"])
+    discovery = _discovery(value["REPLICATED_REPLICA_DISCOVERY"])
     primary_bind: str | None = None
     replica_binds: tuple[str, ...] = ()
-    if replicas:
+    if replicas or discovery is not None:
+        by_url = "REPLICATED_REPLICAS" if replicas else "REPLICATED_REPLICA_DISCOVERY"
         for key in ("REPLICATED_REPLICA_BINDS", "REPLICATED_PRIMARY_BIND"):
             if value[key] is not None:
                 raise ConfigError(
-                    f"'REPLICATED_REPLICAS' and '{key}' are both set. Give the replicas one "
-                    "way: by URL in 'REPLICATED_REPLICAS' (the primary is then "
+                    f"'{by_url}' and '{key}' are both set. Give the replicas one "
+                    f"way: by URL in '{by_url}' (the primary is then "
                     "SQLALCHEMY_DATABASE_URI), or as binds named in 'REPLICATED_REPLICA_BINDS'."
                 )
     else:
@@ -195,6 +239,7 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
             [spec.name for spec in replicas] if replicas else list(replica_binds),
         ),
         prefer_least_lag=_bool("REPLICATED_PREFER_LEAST_LAG", value),
+        discovery=discovery,
     )
 
 
@@ -290,6 +335,100 @@ def _replicas(value: object) -> tuple[ReplicaURL, ...]:
             ) from None
         replicas.append(ReplicaURL(name, url, options))
     return tuple(replicas)
+
+
+_DISCOVERY_KEYS = (
+    "url",
+    "record",
+    "interval",
+    "nameservers",
+    "timeout",
+    "drain_timeout",
+    "engine_options",
+)
+
+
+def _discovery(value: object) -> DiscoverySpec | None:
+    key = "REPLICATED_REPLICA_DISCOVERY"
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"'{key}' must be a dict such as {{'url': "
+            f"'postgresql://app@replicas.db.internal/app', 'interval': 30}}, got "
+            f"{_shown(value)}."
+        )
+    unknown = sorted(str(k) for k in value if k not in _DISCOVERY_KEYS)
+    if unknown:
+        known = ", ".join(repr(k) for k in _DISCOVERY_KEYS)
+        raise ConfigError(
+            f"'{key}' has an unknown key {_shown(unknown[0])}. Its keys are: {known} "
+            "(engine options go in 'engine_options')."
+        )
+    raw = value.get("url")
+    if not isinstance(raw, str | URL) or not raw:
+        raise ConfigError(
+            f"'{key}['url']' must be a database URL whose host is the DNS name to resolve."
+        )
+    try:
+        url = make_url(raw)
+    except Exception as error:
+        raise ConfigError(
+            f"'{key}['url']' is not a database URL ({type(error).__name__}). Write it as "
+            "SQLALCHEMY_DATABASE_URI is written, with the DNS name to resolve as its host."
+        ) from None
+    if not url.host:
+        raise ConfigError(
+            f"'{key}['url']' must be a database server's URL whose host is the DNS name to "
+            f"resolve, got {_shown(url)}."
+        )
+    record = value.get("record", "A")
+    if record not in [r.value for r in RecordType]:
+        choices = ", ".join(repr(r.value) for r in RecordType)
+        raise ConfigError(f"'{key}['record']' must be one of {choices}, got {_shown(record)}.")
+    options = value.get("engine_options", {})
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise ConfigError(
+            f"'{key}['engine_options']' must be a dict of engine options, such as "
+            f"{{'pool_size': 10}}, got {_shown(options)}."
+        )
+    return DiscoverySpec(
+        url=url,
+        record=RecordType(record),
+        interval=_seconds(f"{key}['interval']", value.get("interval", 30.0)),
+        nameservers=_nameservers(f"{key}['nameservers']", value.get("nameservers", ())),
+        timeout=_seconds(f"{key}['timeout']", value.get("timeout", 2.0)),
+        drain_timeout=_seconds(
+            f"{key}['drain_timeout']", value.get("drain_timeout", 60.0), zero=True
+        ),
+        engine_options=dict(options),
+    )
+
+
+def _nameservers(key: str, value: object) -> tuple[tuple[str, int], ...]:
+    # "10.0.0.2", "10.0.0.2:5353", "[fd00::53]:5353": an IP address, and a port.
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ConfigError(f"'{key}' must be a list such as ['10.0.0.2', '127.0.0.1:5353'].")
+    found = []
+    for item in value:
+        host, port = (item, "53") if isinstance(item, str) else ("", "")
+        if isinstance(item, str) and item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest.removeprefix(":") or "53"
+        elif isinstance(item, str) and item.count(":") == 1:
+            host, port = item.split(":")
+        try:
+            ipaddress.ip_address(host)
+            number = int(port)
+        except ValueError:
+            number = 0
+        if not 0 < number < 65536:
+            raise ConfigError(
+                f"'{key}' must hold IP addresses with an optional port, such as "
+                f"'127.0.0.1:5353', got {_shown(item)}."
+            )
+        found.append((host, number))
+    return tuple(found)
 
 
 def _name(key: str, value: object) -> str:

@@ -46,6 +46,14 @@ _COUNTERS = (
     ),
     ("catch_up_checks", "Catch-up queries run on a replica."),
     ("catch_up_timeouts", "Catch-up queries that ended before the replica replayed the write."),
+    (
+        "discovery_resolutions",
+        "DNS resolutions of REPLICATED_REPLICA_DISCOVERY that answered with replicas.",
+    ),
+    (
+        "discovery_failures",
+        "DNS resolutions of REPLICATED_REPLICA_DISCOVERY that failed (the last set is kept).",
+    ),
 )
 
 
@@ -187,7 +195,8 @@ def _add_replicas(router: Router, base: list[str], gauges: dict[str, GaugeMetric
         if probe is None:
             continue  # nothing known of its replay: no lag to report
         gauges["lag_seconds"].add_metric(labels, state.lag_seconds)
-        lag_bytes = router.backends[node.name].distance(furthest, probe.replay_lsn)
+        backend = router.backends.get(node.name)  # None: it left DNS during the scrape
+        lag_bytes = None if backend is None else backend.distance(furthest, probe.replay_lsn)
         if lag_bytes is not None:
             gauges["lag_bytes"].add_metric(labels, float(lag_bytes))
 

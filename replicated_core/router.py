@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry
 
     from .backends import Position
+    from .discovery import Discovery
     from .rules import ReplicaView
     from .scope import RequestScope
     from .sticky import StickyCodec
@@ -128,6 +129,9 @@ class Router:
         )
         self._prober: ThreadProber | TaskProber | None = None
         self._thread_prober: ThreadProber | None = None
+        # What finds replicas through DNS (REPLICATED_REPLICA_DISCOVERY), set by the
+        # adapter; it adds and removes replicas with add_replica() and remove_replica().
+        self.discovery: Discovery | None = None
         # Pooled connections of each replica, to cut off those stuck on a hung one.
         self._entries: dict[str, weakref.WeakSet[ConnectionPoolEntry]] = {
             n.name: weakref.WeakSet() for n in self.replicas
@@ -167,8 +171,9 @@ class Router:
         self._warned_late_commit = False
         self._install_guards()
         if codec is not None and self.backend.has_positions:
-            for node in (primary, *self.replicas):
-                event.listen(node.engine, "connect", self._learn_cluster(node))
+            event.listen(primary.engine, "connect", self._learn_cluster(primary))
+        for node in self.replicas:
+            self._listen(node)
         _ROUTERS.add(self)
 
     # The cookie settings are read-only: what the request path keeps of them is
@@ -208,6 +213,46 @@ class Router:
         self._thread_prober = prober if isinstance(prober, ThreadProber) else None
         self.requests.thread_prober = self._thread_prober
 
+    def _listen(self, node: Node) -> None:
+        # A replica's guards and connect listeners, at creation or when it joins.
+        guard_replica(node, self.config.connect_timeout)
+        event.listen(node.engine, "connect", self._remember_entry(node))
+        if self._codec is not None and self.backend.has_positions:
+            event.listen(node.engine, "connect", self._learn_cluster(node))
+
+    # -- replicas that join and leave (replicated_core.discovery) -------------------
+
+    def add_replica(self, node: Node) -> None:
+        """Route reads to ``node`` too, once a position check says it is fine.
+
+        Thread-safe against the request path: each registry it touches is replaced by
+        a new one (or changed with one atomic assignment), never edited in place.
+        """
+        backend = backend_for(node.engine.dialect.name)
+        self.backends[node.name] = backend
+        password = node.engine.url.password
+        if password and password not in self.health.secrets:
+            self.health.secrets = (*self.health.secrets, password)
+        with self._entries_lock:
+            self._entries[node.name] = weakref.WeakSet()
+        self._listen(node)
+        self.spread.add(node)
+        self.health.add(node)
+        self.replicas = (*self.replicas, node)
+        if self._thread_prober is not None:
+            self._thread_prober.track(node)
+
+    def remove_replica(self, node: Node) -> None:
+        """Send no new read to ``node``; the requests and blocks already reading there
+        go on with it. Its engine stays the caller's to dispose of once they are done."""
+        self.replicas = tuple(n for n in self.replicas if n is not node)
+        self.health.remove(node)
+        self.spread.remove(node)
+        if self._thread_prober is not None:
+            self._thread_prober.untrack(node)
+        with self._entries_lock:
+            self._entries.pop(node.name, None)
+
     def after_fork(self) -> None:
         """Make this router safe to use in a child process right after a fork.
 
@@ -232,6 +277,8 @@ class Router:
             entries.clear()
         for node in (self.primary, *self.replicas):
             node.engine.dispose(close=False)
+        if self.discovery is not None:
+            self.discovery.after_fork()
 
     def close(self) -> None:
         """Stop a ``ThreadProber`` and wait briefly for its checks in flight; the
@@ -268,12 +315,18 @@ class Router:
     def metrics(self) -> dict[str, int]:
         """Every counter of this router: decisions by reason (and by reason and node,
         as ``requests_by.<reason>.<node>``), writes, sticky hits, fallbacks, retries,
-        replicas marked down, position checks and catch-up waits."""
-        return {
+        replicas marked down, position checks and catch-up waits; with discovery, the
+        DNS resolutions that answered and those that failed."""
+        found = {
             **self.counters.snapshot(),
             "replicas_marked_down": self.health.marked_down,
             "position_checks": self.health.refreshes,
         }
+        discovery = self.discovery
+        if discovery is not None:
+            found["discovery_resolutions"] = discovery.resolutions
+            found["discovery_failures"] = discovery.failures
+        return found
 
     # -- per statement -----------------------------------------------------------
 
@@ -455,9 +508,6 @@ class Router:
                 # The position after the commit, on the connection that committed,
                 # as it goes back to the pool: no second checkout.
                 event.listen(primary.pool, "reset", self._on_primary_reset)
-        for node in self.replicas:
-            guard_replica(node, self.config.connect_timeout)
-            event.listen(node.engine, "connect", self._remember_entry(node))
 
     # Listeners of do_execute/do_executemany (cursor, statement, parameters, context)
     # and do_execute_no_params (cursor, statement, context): named parameters rather
@@ -567,7 +617,9 @@ class Router:
     def _remember_entry(self, node: Node) -> Any:
         def remember(dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:
             with self._entries_lock:
-                self._entries[node.name].add(entry)
+                entries = self._entries.get(node.name)  # None: the replica left
+                if entries is not None:
+                    entries.add(entry)
 
         return remember
 

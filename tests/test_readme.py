@@ -73,6 +73,7 @@ CELERY_JOBS = ("Read-your-writes for API clients and jobs", 1)
 PROMETHEUS_EXAMPLE = ("Prometheus metrics", 1)
 MULTIPROCESS_EXAMPLE = ("Prometheus metrics", 2)
 MULTIPROCESS_GUNICORN_CONF = ("Prometheus metrics", 3)
+DISCOVERY_CONFIG = ("Replicas discovered through DNS", 1)
 TESTED = {
     FLASK_QUICKSTART,
     QUART_QUICKSTART,
@@ -81,6 +82,7 @@ TESTED = {
     PROMETHEUS_EXAMPLE,
     MULTIPROCESS_EXAMPLE,
     MULTIPROCESS_GUNICORN_CONF,
+    DISCOVERY_CONFIG,
 }
 
 
@@ -190,6 +192,24 @@ def test_quart_quickstart_and_its_cli_command(pg_cluster, no_item_table, load_sn
     assert _rows(pg_cluster, pg_cluster.primary, "SELECT name FROM item") == ["x"]
     result = app.test_cli_runner().invoke(args=["count"])
     assert (result.exit_code, result.output) == (0, "1\n"), result.output
+
+
+def test_the_discovery_config_is_valid():
+    """The README's REPLICATED_REPLICA_DISCOVERY block loads as it says."""
+    from flask import Flask
+
+    from replicated_core.config import load_config
+
+    namespace = {"app": Flask("readme")}
+    exec(_source(DISCOVERY_CONFIG), namespace)
+    spec = load_config(namespace["app"].config).discovery
+    assert spec is not None
+    assert (spec.name, spec.url.port, spec.record.value, spec.interval) == (
+        "replicas.db.internal",
+        5432,
+        "A",
+        30.0,
+    )
 
 
 def test_the_celery_example_is_what_the_celery_test_runs():
