@@ -23,8 +23,8 @@ import pytest
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
-    from replicated_core.testing.hacluster import HaCluster
     from replicated_core.testing.dnsserver import DnsServer
+    from replicated_core.testing.hacluster import HaCluster
     from replicated_core.testing.pgcluster import PgCluster, ReplicaSpec
 
     ClusterFactory = Callable[[Sequence[ReplicaSpec]], PgCluster]
