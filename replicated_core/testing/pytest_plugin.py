@@ -162,6 +162,8 @@ def ha_cluster_factory() -> Iterator[HaClusterFactory]:
         for cluster in reversed(clusters):
             cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def dns_server(tmp_path: Path) -> Iterator[DnsServer]:
     """A DNS server (dnsmasq) on a free loopback port with no records, stopped at the
