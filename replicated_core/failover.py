@@ -239,6 +239,9 @@ def _ready_to_retry(
     node = _failed_replica(error)
     failure = classify_failure(error) if node is not None else None
     router = router_of(session) if failure is not None else None
+    if router is not None and node is not None and node not in router.replicas:
+        # A replica of another database of the app: its own router reroutes.
+        router = next((r for r in router.siblings if node in r.replicas), None)
     if router is None or node is None or node in failed or not router.reads_go_to(node):
         return False
     if not first:

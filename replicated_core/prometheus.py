@@ -150,12 +150,14 @@ def register(registry: CollectorRegistry = REGISTRY) -> ReplicatedCollector:
 
 
 def _labelled(routers: Iterable[Router]) -> Iterator[tuple[str, Router]]:
-    # Each app label once: a second app of the same name gets "-2", and so on.
-    seen: Counter[str] = Counter()
+    # Each app label once per database: a second app of the same name gets "-2", and
+    # so on; the routers of one app's several databases share its label.
+    seen: Counter[tuple[str, str]] = Counter()
     for router in routers:
         name = router.name or "app"
-        seen[name] += 1
-        yield (name if seen[name] == 1 else f"{name}-{seen[name]}"), router
+        key = (name, router.primary.name)
+        seen[key] += 1
+        yield (name if seen[key] == 1 else f"{name}-{seen[key]}"), router
 
 
 def _add_replicas(router: Router, base: list[str], gauges: dict[str, GaugeMetricFamily]) -> None:

@@ -18,12 +18,14 @@ __all__ = ["RoutingSession", "bind_key_of"]
 
 
 class RoutingSession(Session):
-    """Routes tables without a bind key through ``router``; others use their bind.
+    """Routes tables without a bind key through ``router``, those of a routed bind key
+    through its database's router in ``routers``; others use their bind.
 
     A table's bind key is ``metadata.info["bind_key"]``, the convention of
     Flask-SQLAlchemy's ``__bind_key__``. Pass it to ``async_sessionmaker`` as
-    ``sync_session_class`` with ``router=`` and ``bind_engines=`` (sync engines by
-    bind key); ``AsyncSession`` hands the keywords through.
+    ``sync_session_class`` with ``router=``, ``routers=`` (by bind key) and
+    ``bind_engines=`` (sync engines by bind key); ``AsyncSession`` hands the keywords
+    through.
     """
 
     def __init__(
@@ -31,11 +33,13 @@ class RoutingSession(Session):
         *args: Any,
         router: Router,
         bind_engines: Mapping[str, Engine] | None = None,
+        routers: Mapping[str, Router] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.router = router
         self.bind_engines = bind_engines or {}
+        self.routers = routers or {}
 
     def get_bind(
         self,
@@ -48,6 +52,9 @@ class RoutingSession(Session):
             return bind
         key = bind_key_of(mapper, clause)
         if key is not None:
+            routed = self.routers.get(key)
+            if routed is not None:
+                return routed.node().engine
             try:
                 return self.bind_engines[key]
             except KeyError:
