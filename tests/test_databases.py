@@ -659,3 +659,58 @@ def _pairs(server: ServerProcess, url: str) -> list[dict[str, Any]]:
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return [r for batch in pool.map(client_run, range(4)) for r in batch]
+
+
+# -- the token of several databases ----------------------------------------------------
+
+
+def _codecs(*keys: str | None) -> list[StickyCodec]:
+    from replicated_core.sticky import database_tag
+
+    codecs = []
+    for number, key in enumerate(keys):
+        codec = StickyCodec("k", salt=token_salt("replicated_sticky"))
+        codec.database = None if key is None else database_tag(key)
+        codec.cluster = f"cluster{number}"[:8].ljust(8, "x")
+        codecs.append(codec)
+    return codecs
+
+
+def test_a_token_of_the_default_database_alone_keeps_the_one_database_shape():
+    """Byte for byte what a one-database app writes, so either reads the other's."""
+    default, _ = _codecs(None, SECOND)
+    single = StickyCodec("k", salt=token_salt("replicated_sticky"))
+    single.cluster = default.cluster
+    token = StickyToken(0x16B3F28)
+    assert default.dumps_many([(default, token)], now=1_700_000_000) == single.dumps(
+        token, now=1_700_000_000
+    )
+
+
+def test_each_database_reads_its_own_entry_bound_to_its_own_cluster():
+    default, second, third = _codecs(None, SECOND, "third")
+    now = int(time.time())
+    value = default.dumps_many([(default, StickyToken(5)), (second, StickyToken(7))], now)
+    assert value.startswith("~")
+    assert len(value) < 120
+    assert [c.loads(value, 30) for c in (default, second, third)] == [
+        StickyToken(5),
+        StickyToken(7),
+        None,
+    ]
+    assert [c.no_entry(value) for c in (default, second, third)] == [False, False, True]
+    second.cluster = "another1"  # the entry was made on another cluster: not honoured
+    second._check.cache_clear()
+    assert (second.loads(value, 30), second.no_entry(value)) == (None, False)
+    time_only = default.dumps_many([(second, StickyToken())], now)
+    assert [c.loads(time_only, 30) for c in (default, second)] == [None, StickyToken()]
+
+
+def test_a_token_of_ten_databases_fits_and_a_forged_one_is_ignored():
+    codecs = _codecs(None, *(f"bind{n}" for n in range(9)))
+    value = codecs[0].dumps_many([(c, StickyToken(2**62)) for c in codecs])
+    assert [c.loads(value, 30) for c in codecs] == [StickyToken(2**62)] * 10
+    body, _, signature = value.rpartition(".")
+    forged = body.replace("4000000000000000", "1", 1) + "." + signature
+    assert [c.loads(forged, 30) for c in codecs] == [None] * 10
+    assert [c.no_entry(forged) for c in codecs] == [False] * 10

@@ -70,7 +70,15 @@ QUART_QUICKSTART = ("Quickstart: Quart", 1)
 QUART_CLI_COMMAND = ("Quickstart: Quart", 2)
 CELERY_JOBS = ("Read-your-writes for API clients and jobs", 1)
 PROMETHEUS_EXAMPLE = ("Prometheus metrics", 1)  # served by gunicorn in test_prometheus.py
-TESTED = {FLASK_QUICKSTART, QUART_QUICKSTART, QUART_CLI_COMMAND, CELERY_JOBS, PROMETHEUS_EXAMPLE}
+SEVERAL_DATABASES = ("Several databases", 1)
+TESTED = {
+    FLASK_QUICKSTART,
+    QUART_QUICKSTART,
+    QUART_CLI_COMMAND,
+    CELERY_JOBS,
+    PROMETHEUS_EXAMPLE,
+    SEVERAL_DATABASES,
+}
 
 
 def test_every_python_block_of_the_readme_has_a_test_here():
@@ -157,6 +165,40 @@ def test_flask_quickstart(pg_cluster, no_item_table, load_snippet):
         pg_cluster.wait_for_replay(include_delayed=True)
         assert visitor.get("/items").json == ["x", "logged in"]
     finally:
+        for engine in db._app_engines[app].values():
+            engine.dispose()
+
+
+def test_several_databases_example(pg_cluster, load_snippet, monkeypatch):
+    """The example's GET reads both databases from their replicas ('users' is the
+    database 'second' of the cluster, made here if missing)."""
+    if not pg_cluster.execute(
+        pg_cluster.primary, "SELECT 1 FROM pg_database WHERE datname = 'second'"
+    ):
+        pg_cluster.execute(pg_cluster.primary, "CREATE DATABASE second")
+    monkeypatch.setenv("USERS_PRIMARY_URL", pg_cluster.primary.url("psycopg", database="second"))
+    replica = pg_cluster.replica("replica")
+    monkeypatch.setenv("USERS_REPLICA_URL", replica.url("psycopg", database="second"))
+    module = load_snippet(SEVERAL_DATABASES, "psycopg", replica="replica")
+    app, db = module.app, module.db
+    rep = app.extensions["replicated"]
+    try:
+        with app.app_context():
+            db.create_all()  # outside a request: each on its primary
+        pg_cluster.wait_for_replay()
+        assert app.test_client().get("/page").json == {"items": 0, "users": 0}
+        decisions = {key: r.metrics() for key, r in rep.databases(app).routers.items()}
+        assert {key: m.get("requests_to_replica", 0) for key, m in decisions.items()} == {
+            None: 1,
+            "users": 1,
+        }
+    finally:
+        with app.app_context():
+            db.drop_all()
+        for router in rep.databases(app):
+            router.close()
+            for node in (router.primary, *router.replicas):
+                node.engine.dispose()
         for engine in db._app_engines[app].values():
             engine.dispose()
 
