@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Connection, Engine
 
+    from .nodes import Node
     from .router import Router
 
 __all__ = ["RoutingSession", "bind_key_of"]
@@ -40,6 +41,10 @@ class RoutingSession(Session):
         self.router = router
         self.bind_engines = bind_engines or {}
         self.routers = routers or {}
+        # The node the last routed statement went to: which replica an error that no
+        # engine listener tagged came from (asyncpg's refused connect), when several
+        # databases may each be reading from a replica.
+        self.routed_node: Node | None = None
 
     def get_bind(
         self,
@@ -54,14 +59,16 @@ class RoutingSession(Session):
         if key is not None:
             routed = self.routers.get(key)
             if routed is not None:
-                return routed.node().engine
+                node = self.routed_node = routed.node()
+                return node.engine
             try:
                 return self.bind_engines[key]
             except KeyError:
                 raise sa.exc.UnboundExecutionError(
                     f"Bind key '{key}' is not in 'SQLALCHEMY_BINDS' config."
                 ) from None
-        return self.router.node().engine
+        node = self.routed_node = self.router.node()
+        return node.engine
 
 
 def bind_key_of(mapper: Any | None, clause: Any | None) -> str | None:

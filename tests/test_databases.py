@@ -714,3 +714,48 @@ def test_a_token_of_ten_databases_fits_and_a_forged_one_is_ignored():
     forged = body.replace("4000000000000000", "1", 1) + "." + signature
     assert [c.loads(forged, 30) for c in codecs] == [None] * 10
     assert [c.no_entry(forged) for c in codecs] == [False] * 10
+
+
+# -- failover ----------------------------------------------------------------------------
+
+
+async def test_quart_a_replica_of_the_second_database_that_refuses_fails_over(cluster):
+    """Its own router retries the read on the second database's primary and marks the
+    replica down. Seen failing before failover looked for the replica's own router: the
+    default database's router did not know the replica, and the error reached the view."""
+    import socket as socket_module
+
+    urls = _urls(cluster, "asyncpg")
+    app = quart_app(
+        cluster,
+        REPLICATED_CHECK_INTERVAL=3600,
+        REPLICATED_STICKY_MODE="time",
+        REPLICATED_BIND_REPLICAS={SECOND: {"b_replica": urls[SECOND]["replica"]}},
+    )
+    errors: list[BaseException] = []
+    from quart.signals import got_request_exception
+
+    async def keep(sender: Any, exception: BaseException, **extra: Any) -> None:
+        errors.append(exception)
+
+    got_request_exception.connect(keep, app, weak=False)
+    rep = app.extensions["replicated"]
+    second = rep.router(app, bind_key=SECOND)
+    async with app.test_app():
+        client = app.test_client()
+        first = await (await client.get("/who")).get_json()
+        engine = rep._apps[app].by_node["b_replica"]
+        await engine.dispose()
+        with socket_module.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            refusing = sock.getsockname()[1]
+
+        @sa.event.listens_for(engine.sync_engine, "do_connect")
+        def elsewhere(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+            cparams["port"] = refusing
+
+        response = await client.get("/who")
+        then = await response.get_json() if response.status_code == 200 else errors
+    assert errors == []
+    assert (first["b"], then["b"]) == ("replica", "primary")
+    assert (second.metrics()["retries"], second.health.usable("b_replica")) == (1, False)
