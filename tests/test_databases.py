@@ -574,6 +574,15 @@ async def test_quart_status_shows_every_database(cluster):
     assert second.healthy
 
 
+def test_quart_status_command_shows_every_database(cluster):
+    app = quart_app(cluster)
+    result = app.test_cli_runner().invoke(args=["replicated", "status"])
+    assert result.exit_code == 0, result.output
+    sections = [block.splitlines()[0] for block in result.output.split("\n\n")]
+    assert sections == ["database: (default)", f"database: {SECOND}"]
+    assert "b_replica" in result.output
+
+
 # -- gunicorn, several workers ---------------------------------------------------------
 
 WORKERS = 4
