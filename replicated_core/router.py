@@ -1,6 +1,7 @@
 """The router: turns the routing intent into a node for every statement.
 
-Adapters build one Router per app from its engines, open a request scope through
+Adapters build one Router per routed database of an app from its engines (the app's
+``Databases``, databases.py, holds them), open a request scope through
 ``router.requests`` (scope.py) at the start of each request, and ask ``node()``
 whenever SQLAlchemy needs a bind.
 """
@@ -85,7 +86,12 @@ if hasattr(os, "register_at_fork"):
 
 
 class Router:
-    """Chooses the node for each statement of one app and guards replicas against writes."""
+    """Chooses the node for each statement of one database of an app and guards its
+    replicas against writes.
+
+    ``scope_var`` is where its request scopes live: None (``intent``'s) for the app's
+    default database, a contextvar of its own for each further one.
+    """
 
     def __init__(
         self,
