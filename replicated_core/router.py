@@ -495,7 +495,7 @@ class Router:
                 # as it goes back to the pool: no second checkout.
                 event.listen(primary.pool, "reset", self._on_primary_reset)
         for node in self.replicas:
-            guard_replica(node, self.config.connect_timeout)
+            guard_replica(node, self.config.connect_timeout, self.requests.scope)
             event.listen(node.engine, "connect", self._remember_entry(node))
 
     # Listeners of do_execute/do_executemany (cursor, statement, parameters, context)

@@ -155,6 +155,12 @@ def flask_app(cluster: Any, **config: Any) -> Any:
         with use_replica():
             return both()
 
+    @app.get("/write-on-get")
+    def write_on_get() -> Any:
+        db.session.add(B(name="on a GET"))
+        db.session.flush()
+        return "written"
+
     app.who = both  # type: ignore[attr-defined]
     app.names = names  # type: ignore[attr-defined]
     app.models = models  # type: ignore[attr-defined]
@@ -220,6 +226,28 @@ def test_flask_bind_engine_of_the_second_database_is_routed(app):
             outside = conn.execute(sa.text(WHO_SQL)).one()
             database = conn.execute(sa.text("SELECT current_database()")).scalar()
     assert (in_block[1], outside[1], database) == (True, False, SECOND)
+
+
+def test_flask_a_write_to_the_second_database_on_a_get_names_the_view(app):
+    """Seen failing with the message of a write outside any request: the refusal looked
+    at the default database's scope only."""
+    from replicated_core import ReplicaWriteError
+
+    app.config["TESTING"] = False
+    app.testing = False
+    errors: list[BaseException] = []
+    from flask import got_request_exception
+
+    got_request_exception.connect(
+        lambda sender, exception, **extra: errors.append(exception), app, weak=False
+    )
+    assert app.test_client().get("/write-on-get").status_code == 500
+    assert [type(e) for e in errors] == [ReplicaWriteError]
+    assert str(errors[0]) == (
+        "The view 'write_on_get' wrote to the database during a GET request, which is "
+        "routed to a replica. Decorate it with '@changes_database' or wrap the write in "
+        "'use_primary()'."
+    )
 
 
 @pytest.mark.parametrize("transport", ["cookie", "header"])
