@@ -1,5 +1,6 @@
-"""The engines a Flask app's router uses: made the way Flask-SQLAlchemy makes them,
-with ``SQLALCHEMY_ENGINE_OPTIONS``, and the default one routed."""
+"""The engines a Flask app's routers use: made the way Flask-SQLAlchemy makes them,
+with ``SQLALCHEMY_ENGINE_OPTIONS``, and the routed ones (the default, and each bind
+of ``REPLICATED_BIND_REPLICAS``) asking their routers."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
 
     from replicated_core.config import DiscoverySpec, ReplicatedConfig
+    from replicated_core.databases import Databases
     from replicated_core.router import Router
 
     EngineFactory = Callable[[str, URL], Engine]
@@ -27,20 +29,31 @@ __all__ = ["RoutedEngines", "discovered_engines", "install_routed_engines", "pre
 
 
 class RoutedEngines(dict[str | None, Engine]):
-    """``db.engines`` for one app, whose default (``None``) key asks the router.
+    """``db.engines`` for one app, whose default (``None``) key asks the router, and
+    each routed bind key its database's router.
 
     Flask-SQLAlchemy documents that ``db.session``, ``db.engine`` and
     ``db.get_engine()`` all use ``db.engines[None]`` for models without a bind key,
-    so routing that one entry routes all of them. Other bind keys keep their engine.
+    and ``db.engines[key]`` for a model's ``__bind_key__``, so routing those entries
+    routes all of them. Bind keys that are not routed keep their engine.
     """
 
-    def __init__(self, engines: Mapping[str | None, Engine], router: Router) -> None:
+    def __init__(
+        self,
+        engines: Mapping[str | None, Engine],
+        router: Router,
+        routers: Mapping[str, Router] | None = None,
+    ) -> None:
         super().__init__(engines)
         self.router = router
+        self.routers = dict(routers or {})
 
     def __getitem__(self, key: str | None) -> Engine:
         if key is None:
             return self.router.node().engine
+        router = self.routers.get(key)
+        if router is not None:
+            return router.node().engine
         return dict.__getitem__(self, key)
 
 
@@ -72,6 +85,12 @@ def prepare_engines(
     engines = maker.engines
     default = engines.get(None)
     replica_engines: dict[str, Engine] = {}
+    for specs in config.bind_replicas.values():
+        for spec in specs:
+            replica_engines[spec.name] = maker.make(spec.name, spec.url, spec.options)
+    for key in config.bind_replicas:
+        if key in engines:  # else build_bind_nodes names the missing bind
+            maker.remake(key)
     if config.replicas or config.discovery is not None:
         if default is not None:  # else build_nodes says what is missing
             for spec in config.replicas:
@@ -116,9 +135,11 @@ def discovered_engines(db: SQLAlchemy, app: Flask, spec: DiscoverySpec) -> Engin
     return make
 
 
-def install_routed_engines(db: SQLAlchemy, app: Flask, router: Router) -> None:
-    """Make the app's ``db.engines[None]`` (so ``db.session``, ``db.engine``) ask ``router``."""
-    db._app_engines[app] = RoutedEngines(db._app_engines[app], router)
+def install_routed_engines(db: SQLAlchemy, app: Flask, databases: Databases) -> None:
+    """Make the app's ``db.engines[None]`` (so ``db.session``, ``db.engine``) ask the
+    default database's router, and ``db.engines[key]`` of each routed bind its own."""
+    routers = {key: router for key, router in databases.routers.items() if key is not None}
+    db._app_engines[app] = RoutedEngines(db._app_engines[app], databases.default, routers)
 
 
 class _EngineMaker:

@@ -22,7 +22,8 @@ def create_engines(
     config: Mapping[str, Any], engine_options: Mapping[str, Any], replicated: ReplicatedConfig
 ) -> tuple[dict[str | None, AsyncEngine], dict[str, AsyncEngine]]:
     """One AsyncEngine for ``SQLALCHEMY_DATABASE_URI`` (key None) and one per bind,
-    and one per replica of ``REPLICATED_REPLICAS`` (by replica name).
+    and one per replica of ``REPLICATED_REPLICAS`` and ``REPLICATED_BIND_REPLICAS``
+    (by replica name).
 
     Binds are URLs, or dicts with a ``"url"`` key and engine options, as in
     Flask-SQLAlchemy. ``SQLALCHEMY_ENGINE_OPTIONS`` and ``engine_options`` apply
@@ -64,6 +65,11 @@ def create_engines(
         for replica in replicated.replicas:
             spec = {**replica.options, "url": replica.url}
             replicas[replica.name] = _create(f"REPLICATED_REPLICAS['{replica.name}']", spec, shared)
+        for bind_key, bind_specs in replicated.bind_replicas.items():
+            for bind_replica in bind_specs:
+                spec = {**bind_replica.options, "url": bind_replica.url}
+                where = f"REPLICATED_BIND_REPLICAS['{bind_key}']['{bind_replica.name}']"
+                replicas[bind_replica.name] = _create(where, spec, shared)
     except ConfigError:
         for engine in (*engines.values(), *replicas.values()):
             engine.sync_engine.dispose()

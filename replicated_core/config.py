@@ -70,6 +70,7 @@ DEFAULTS: Mapping[str, object] = {
     "REPLICATED_REPLICA_WEIGHTS": None,
     "REPLICATED_PREFER_LEAST_LAG": False,
     "REPLICATED_REPLICA_DISCOVERY": None,
+    "REPLICATED_BIND_REPLICAS": None,
 }
 
 # RFC 6265 cookie-name token: visible ASCII except separators.
@@ -150,6 +151,9 @@ class ReplicatedConfig:
     prefer_least_lag: bool = False
     # Replicas found through DNS, besides ``replicas``; None: none.
     discovery: DiscoverySpec | None = None
+    # The replicas of each further database, by its bind key in SQLALCHEMY_BINDS
+    # (whose URL is that database's primary); replica names are unique in the app.
+    bind_replicas: Mapping[str, tuple[ReplicaURL, ...]] = field(default_factory=dict)
 
     def replica_weight(self, name: str) -> float:
         """The weight of the replica called ``name`` (1 unless configured)."""
@@ -199,6 +203,10 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
             "REPLICATED_REPLICA_BINDS",
             DEFAULT_REPLICA_BINDS if raw_replicas is None else raw_replicas,
         )
+    bind_replicas = _bind_replicas(
+        value["REPLICATED_BIND_REPLICAS"],
+        [spec.name for spec in replicas] if replicas else [primary_bind or "", *replica_binds],
+    )
     for header in ("REPLICATED_DEBUG_HEADER", "REPLICATED_TOKEN_HEADER"):
         if value[header] is not None:
             _token(header, value[header])
@@ -237,9 +245,11 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
         replica_weights=_weights(
             value["REPLICATED_REPLICA_WEIGHTS"],
             [spec.name for spec in replicas] if replicas else list(replica_binds),
+            {key: [spec.name for spec in specs] for key, specs in bind_replicas.items()},
         ),
         prefer_least_lag=_bool("REPLICATED_PREFER_LEAST_LAG", value),
         discovery=discovery,
+        bind_replicas=bind_replicas,
     )
 
 
@@ -290,8 +300,7 @@ def _looks_like_url(value: object) -> bool:
     return isinstance(value, URL) or (isinstance(value, str) and "://" in value)
 
 
-def _replicas(value: object) -> tuple[ReplicaURL, ...]:
-    key = "REPLICATED_REPLICAS"
+def _replicas(value: object, key: str = "REPLICATED_REPLICAS") -> tuple[ReplicaURL, ...]:
     if value is None:
         return ()
     if not isinstance(value, Mapping):
@@ -431,6 +440,46 @@ def _nameservers(key: str, value: object) -> tuple[tuple[str, int], ...]:
     return tuple(found)
 
 
+def _bind_replicas(value: object, taken: list[str]) -> dict[str, tuple[ReplicaURL, ...]]:
+    # ``taken``: the names of the default database's nodes, which no replica of another
+    # database may have (one name, one node, in the status table and the metrics).
+    key = "REPLICATED_BIND_REPLICAS"
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(
+            f"'{key}' must be a dict of bind keys (of SQLALCHEMY_BINDS) to their replicas, "
+            f"such as {{'users': {{'users_replica1': 'postgresql://app@replica1/users'}}}}, "
+            f"got {_shown(value)}."
+        )
+    names: dict[str, str] = dict.fromkeys(taken, "the default database")
+    found: dict[str, tuple[ReplicaURL, ...]] = {}
+    for bind_key, replicas in value.items():
+        if not isinstance(bind_key, str) or not bind_key or _looks_like_url(bind_key):
+            raise ConfigError(
+                f"'{key}' must have bind keys of SQLALCHEMY_BINDS as keys, got {_shown(bind_key)}."
+            )
+        if bind_key in names:
+            raise ConfigError(
+                f"'{key}' gives replicas to the bind '{bind_key}', which is a node of "
+                f"{names[bind_key]}. Give each database's replicas once."
+            )
+        where = f"{key}['{bind_key}']"
+        if replicas is None:
+            raise ConfigError(f"'{where}' must be a dict of replica names to URLs, got None.")
+        specs = _replicas(replicas, where)
+        for spec in specs:
+            if spec.name in names or spec.name in value:
+                other = names.get(spec.name) or f"the bind '{spec.name}'"
+                raise ConfigError(
+                    f"'{where}' names a replica '{spec.name}', a name {other} already has. "
+                    "Give every replica of the app its own name."
+                )
+            names[spec.name] = f"the database '{bind_key}'"
+        found[bind_key] = specs
+    return found
+
+
 def _name(key: str, value: object) -> str:
     # A URL is refused here, so that no later message names a "bind" that is a URL.
     if not isinstance(value, str) or not value or _looks_like_url(value):
@@ -476,11 +525,16 @@ def _finite(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _weights(value: object, names: list[str]) -> dict[str, float]:
-    # ``names``: the replicas, by bind name or by their name in REPLICATED_REPLICAS.
+def _weights(
+    value: object, names: list[str], others: Mapping[str, list[str]] | None = None
+) -> dict[str, float]:
+    # ``names``: the default database's replicas, by bind name or by their name in
+    # REPLICATED_REPLICAS; ``others``: those of each further database, by bind key.
     key = "REPLICATED_REPLICA_WEIGHTS"
     if value is None:
         return {}
+    databases = {"": names, **(others or {})}
+    names = [name for group in databases.values() for name in group]
     if not isinstance(value, Mapping):
         raise ConfigError(
             f"'{key}' must be a dict of replica names to weights, such as "
@@ -499,11 +553,13 @@ def _weights(value: object, names: list[str]) -> dict[str, float]:
                 f"'{key}['{name}']' must be zero or a positive number, got {_shown(weight)}."
             )
         weights[name] = number
-    if all(weights.get(name, 1.0) == 0 for name in names):
-        raise ConfigError(
-            f"'{key}' gives every replica the weight 0, so no replica would serve reads. "
-            "Give at least one a positive weight (0 keeps a replica out of rotation)."
-        )
+    for database, group in databases.items():
+        if all(weights.get(name, 1.0) == 0 for name in group):
+            which = f" of the database '{database}'" if database else ""
+            raise ConfigError(
+                f"'{key}' gives every replica{which} the weight 0, so no replica would serve "
+                "reads. Give at least one a positive weight (0 keeps a replica out of rotation)."
+            )
     return weights
 
 

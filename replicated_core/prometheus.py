@@ -158,13 +158,15 @@ def register(registry: CollectorRegistry = REGISTRY) -> ReplicatedCollector:
 
 
 def labelled(routers: Iterable[Router]) -> Iterator[tuple[tuple[str, str], Router]]:
-    """Each router with its ``app`` and ``database`` labels: a second app of the same
-    name is "name-2", and so on, in the order given."""
-    seen: Counter[str] = Counter()
+    """Each router with its ``app`` and ``database`` labels, in the order given: a
+    second app of the same name is "name-2", and so on; the routers of one app's
+    several databases share its label."""
+    seen: Counter[tuple[str, str]] = Counter()
     for router in routers:
         name = router.name or "app"
-        seen[name] += 1
-        app = name if seen[name] == 1 else f"{name}-{seen[name]}"
+        key = (name, router.primary.name)
+        seen[key] += 1
+        app = name if seen[key] == 1 else f"{name}-{seen[key]}"
         yield (app, router.primary.name), router
 
 

@@ -1,6 +1,7 @@
 """The router: turns the routing intent into a node for every statement.
 
-Adapters build one Router per app from its engines, open a request scope through
+Adapters build one Router per routed database of an app from its engines (the app's
+``Databases``, databases.py, holds them), open a request scope through
 ``router.requests`` (scope.py) at the start of each request, and ask ``node()``
 whenever SQLAlchemy needs a bind.
 """
@@ -27,7 +28,7 @@ from .config import ReplicatedConfig, StickyMode
 from .counters import Counters
 from .guards import CUT_MARK, EXECUTE_HOOKS, guard_replica
 from .health import Health, describe_error
-from .intent import Intent, current_override, override_var, scope_var
+from .intent import Intent, current_override, override_var
 from .nodes import Node, Role
 from .prober import TaskProber, ThreadProber
 from .rules import Decision, Reason, decide
@@ -38,12 +39,14 @@ from .weights import Spread
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from contextvars import ContextVar
 
     from sqlalchemy.engine import Connection
     from sqlalchemy.pool import ConnectionPoolEntry
 
     from .backends import Position
     from .discovery import Discovery
+    from .intent import Override
     from .rules import ReplicaView
     from .scope import RequestScope
     from .sticky import StickyCodec
@@ -84,7 +87,12 @@ if hasattr(os, "register_at_fork"):
 
 
 class Router:
-    """Chooses the node for each statement of one app and guards replicas against writes."""
+    """Chooses the node for each statement of one database of an app and guards its
+    replicas against writes.
+
+    ``scope_var`` is where its request scopes live: None (``intent``'s) for the app's
+    default database, a contextvar of its own for each further one.
+    """
 
     def __init__(
         self,
@@ -94,9 +102,15 @@ class Router:
         codec: StickyCodec | None,
         *,
         name: str = "",
+        scope_var: ContextVar[RequestScope | None] | None = None,
     ) -> None:
         # The app's name (the adapters give it): the "app" label of its metrics.
         self.name = name
+        # Where this router's request scopes live: the contextvar of ``intent`` for an
+        # app's default database; one of its own for each further database of the app
+        # (databases.py), so that each database has its own scope in a request.
+        self._default = scope_var is None
+        self._scope_var = intent.scope_var if scope_var is None else scope_var
         self.serial = next(_SERIALS)  # creation order, for live_routers()
         self.config = config
         self.primary = primary
@@ -166,9 +180,13 @@ class Router:
             self._choose,
             self.backend.format_position,
             self.spread,
+            self._scope_var,
         )
         self.requests.catch_up = self.catch_up
         self._warned_late_commit = False
+        # The routers of the app's other databases (databases.py), for failover to find
+        # the router of a replica that failed.
+        self.siblings: tuple[Router, ...] = ()
         self._install_guards()
         if codec is not None and self.backend.has_positions:
             event.listen(primary.engine, "connect", self._learn_cluster(primary))
@@ -215,7 +233,7 @@ class Router:
 
     def _listen(self, node: Node) -> None:
         # A replica's guards and connect listeners, at creation or when it joins.
-        guard_replica(node, self.config.connect_timeout)
+        guard_replica(node, self.config.connect_timeout, self.requests.scope)
         event.listen(node.engine, "connect", self._remember_entry(node))
         if self._codec is not None and self.backend.has_positions:
             event.listen(node.engine, "connect", self._learn_cluster(node))
@@ -333,7 +351,7 @@ class Router:
     def node(self) -> Node:
         """The node for the next statement, from the current intent. The hot path."""
         override = override_var.get()
-        scope = scope_var.get()
+        scope = self._scope_var.get()
         if override is None:
             if scope is None or scope.owner is not self or scope.closed:
                 return self.primary
@@ -353,12 +371,30 @@ class Router:
                 # From now on the request reads its own writes on the primary.
                 scope.decision = Decision(self.primary, Reason.PINNED)
             return self.primary
-        if override.node is None:
+        node = override.node if self._default else self._block_node(override)
+        if node is None:
             if override.after is not None:
-                override.node = self._replica_after(override.after, scope)
+                node = self._replica_after(override.after, scope)
             else:
-                override.node = self._replica_for_block(scope)
-        return override.node
+                node = self._replica_for_block(scope)
+            self._keep_pick(override, node)
+        return node
+
+    def _block_node(self, override: Override) -> Node | None:
+        # The replica a use_replica() block reads from on this router's database (None:
+        # not picked yet); the default database's is the override's own ``node``.
+        if self._default:
+            return override.node
+        picks = override.picks
+        return picks.get(self) if picks is not None else None
+
+    def _keep_pick(self, override: Override, node: Node) -> None:
+        if self._default:
+            override.node = node
+        elif override.picks is None:
+            override.picks = {self: node}
+        else:
+            override.picks[self] = node
 
     # -- replicas ----------------------------------------------------------------
 
@@ -373,7 +409,7 @@ class Router:
         """Whether the current block's, or else request's, reads go to ``node``."""
         override = current_override()
         if override is not None:
-            return override.node is node
+            return self._block_node(override) is node
         scope = self.requests.scope()
         return scope is not None and scope.decision.node is node
 
@@ -384,12 +420,12 @@ class Router:
         last = failed[-1]
         views = [v for v in self.spread.in_rotation(self.health.views()) if v.node not in failed]
         override = current_override()
-        if override is not None and override.node is last:
+        if override is not None and self._block_node(override) is last:
             bound = override.max_lag
             usable = [
                 v.node for v in views if v.usable and (bound is None or v.lag_seconds <= bound)
             ]
-            override.node = self._pick(usable, views)
+            self._keep_pick(override, self._pick(usable, views))
         scope = self.requests.scope()
         if scope is not None and scope.decision.node is last:
             choices = decide(scope.facts, scope.sticky, self.primary, views)
@@ -432,6 +468,9 @@ class Router:
         codec = self._codec
         token = None if codec is None else codec.loads(value, math.inf)
         if token is None:
+            if codec is not None and codec.no_entry(value):
+                # Only of the app's other databases: nothing to wait for on this one.
+                return self._replica_for_block(scope)
             return self.primary  # a token that does not check: the safe choice
         if token.lsn is None:
             # Only "its holder wrote": the primary for the sticky time, as a cookie.
@@ -515,7 +554,7 @@ class Router:
     def _note_write(self, cursor: Any, statement: str, _a: Any = None, _b: Any = None) -> None:
         # The cheap first signal: a request known to have written asks the server
         # nothing at its commit.
-        scope = scope_var.get()
+        scope = self._scope_var.get()
         if scope is not None and not scope.wrote and classify_sql(statement) is _WRITE:
             scope.wrote = True
 
@@ -523,7 +562,7 @@ class Router:
         self, cursor: Any, statement: str, _a: Any = None, _b: Any = None
     ) -> None:
         # No transaction ids to ask (SQLite): the text alone decides, in SQLite's syntax.
-        scope = scope_var.get()
+        scope = self._scope_var.get()
         if (
             scope is not None
             and not scope.wrote
@@ -532,7 +571,7 @@ class Router:
             scope.wrote = True
 
     def _on_commit(self, conn: Connection) -> None:
-        scope = scope_var.get()
+        scope = self._scope_var.get()
         if scope is None or scope.owner is not self or scope.closed:
             return
         if not scope.wrote or scope.answered:

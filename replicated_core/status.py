@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .router import Router
 
 __all__ = [
+    "AppStatus",
     "ClusterStatus",
     "DiscoveryStatus",
     "NodeStatus",
@@ -169,6 +170,38 @@ class ClusterStatus:
             lines.append(self.discovery.to_line())
         lines += [f"{n.name}: {n.error}" for n in self.nodes if n.error]
         return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class AppStatus:
+    """Every routed database of one app, by name (``(default)``, then bind keys), each
+    with its ``ClusterStatus``: what the status command shows for several databases."""
+
+    databases: tuple[tuple[str, ClusterStatus], ...]
+
+    @property
+    def healthy(self) -> bool:
+        """Every database is healthy (``ClusterStatus.healthy``)."""
+        return all(status.healthy for _, status in self.databases)
+
+    def to_json(self) -> str:
+        """The status as a JSON document, for scripts: each database's as
+        ``ClusterStatus.to_json`` writes it, under ``databases`` by name."""
+        return json.dumps(
+            {
+                "healthy": self.healthy,
+                "databases": {
+                    name: json.loads(status.to_json()) for name, status in self.databases
+                },
+            },
+            indent=2,
+        )
+
+    def to_table(self) -> str:
+        """One table per database, each under a line naming it."""
+        return "\n\n".join(
+            f"database: {name}\n{status.to_table()}" for name, status in self.databases
+        )
 
 
 def _yes(flag: bool) -> str:

@@ -74,6 +74,7 @@ PROMETHEUS_EXAMPLE = ("Prometheus metrics", 1)
 MULTIPROCESS_EXAMPLE = ("Prometheus metrics", 2)
 MULTIPROCESS_GUNICORN_CONF = ("Prometheus metrics", 3)
 DISCOVERY_CONFIG = ("Replicas discovered through DNS", 1)
+SEVERAL_DATABASES = ("Several databases", 1)
 TESTED = {
     FLASK_QUICKSTART,
     QUART_QUICKSTART,
@@ -83,6 +84,7 @@ TESTED = {
     MULTIPROCESS_EXAMPLE,
     MULTIPROCESS_GUNICORN_CONF,
     DISCOVERY_CONFIG,
+    SEVERAL_DATABASES,
 }
 
 
@@ -170,6 +172,40 @@ def test_flask_quickstart(pg_cluster, no_item_table, load_snippet):
         pg_cluster.wait_for_replay(include_delayed=True)
         assert visitor.get("/items").json == ["x", "logged in"]
     finally:
+        for engine in db._app_engines[app].values():
+            engine.dispose()
+
+
+def test_several_databases_example(pg_cluster, load_snippet, monkeypatch):
+    """The example's GET reads both databases from their replicas ('users' is the
+    database 'second' of the cluster, made here if missing)."""
+    if not pg_cluster.execute(
+        pg_cluster.primary, "SELECT 1 FROM pg_database WHERE datname = 'second'"
+    ):
+        pg_cluster.execute(pg_cluster.primary, "CREATE DATABASE second")
+    monkeypatch.setenv("USERS_PRIMARY_URL", pg_cluster.primary.url("psycopg", database="second"))
+    replica = pg_cluster.replica("replica")
+    monkeypatch.setenv("USERS_REPLICA_URL", replica.url("psycopg", database="second"))
+    module = load_snippet(SEVERAL_DATABASES, "psycopg", replica="replica")
+    app, db = module.app, module.db
+    rep = app.extensions["replicated"]
+    try:
+        with app.app_context():
+            db.create_all()  # outside a request: each on its primary
+        pg_cluster.wait_for_replay()
+        assert app.test_client().get("/page").json == {"items": 0, "users": 0}
+        decisions = {key: r.metrics() for key, r in rep.databases(app).routers.items()}
+        assert {key: m.get("requests_to_replica", 0) for key, m in decisions.items()} == {
+            None: 1,
+            "users": 1,
+        }
+    finally:
+        with app.app_context():
+            db.drop_all()
+        for router in rep.databases(app):
+            router.close()
+            for node in (router.primary, *router.replicas):
+                node.engine.dispose()
         for engine in db._app_engines[app].values():
             engine.dispose()
 
