@@ -202,11 +202,12 @@ class Load:
         with httpx.Client(base_url=self.url, timeout=REQUEST_TIMEOUT) as client:
             while not self.stop.is_set() and time.monotonic() < deadline:
                 began = time.monotonic()
-                outcome = self._write(client) if writer else self._read(client)
-                outcome.began = began
+                outcomes = self._write(client) if writer else [self._read(client)]
+                for outcome in outcomes:
+                    outcome.began = outcome.began or began
                 with self._lock:
-                    self.outcomes.append(outcome)
-                if not outcome.ok:
+                    self.outcomes.extend(outcomes)
+                if not all(outcome.ok for outcome in outcomes):
                     time.sleep(0.05)  # a client retries, not hammers
 
     def _read(self, client: httpx.Client) -> Outcome:
@@ -221,17 +222,40 @@ class Load:
         node = response.headers.get(DEBUG_HEADER)
         return Outcome(now, "read", True, node, body["in_recovery"])
 
-    def _write(self, client: httpx.Client) -> Outcome:
+    def _write(self, client: httpx.Client) -> list[Outcome]:
+        # A POST, then (if it answered success) the writer's own GET of its row, with
+        # the sticky cookie the POST set: read-your-writes across the change.
         token = uuid.uuid4().hex
         try:
             response = client.post("/items", data={"token": token})
         except httpx.HTTPError as error:
             # No answer: whether it committed is unknown (not counted as a success).
-            return Outcome(time.monotonic(), "write", False, token=token, error=repr(error))
+            return [Outcome(time.monotonic(), "write", False, token=token, error=repr(error))]
         now = time.monotonic()
         if response.status_code != 201:
-            return Outcome(now, "write", False, token=token, error=f"{response.status_code}")
-        return Outcome(now, "write", True, token=token)
+            return [Outcome(now, "write", False, token=token, error=f"{response.status_code}")]
+        written = Outcome(now, "write", True, token=token)
+        began = time.monotonic()
+        try:
+            read = client.get(f"/items/{response.json()['id']}")
+        except httpx.HTTPError as error:
+            return [
+                written,
+                Outcome(
+                    time.monotonic(), "sticky", False, token=token, error=repr(error), began=began
+                ),
+            ]
+        sticky = Outcome(
+            time.monotonic(), "sticky", read.status_code in (200, 404), token=token, began=began
+        )
+        if read.status_code == 200:
+            sticky.node = read.headers.get(DEBUG_HEADER)
+            sticky.in_recovery = read.json()["in_recovery"]
+        elif read.status_code == 404:
+            sticky.error = "stale"  # the row its own write made was not there
+        else:
+            sticky.error = f"{read.status_code}"
+        return [written, sticky]
 
 
 def _run_through(
@@ -285,6 +309,9 @@ class Report:
     window: float  # seconds from the first failed write to the last
     lost: list[str]  # tokens answered with success but not on the new leader
     doubled: list[str]
+    sticky_reads: int  # writers' reads of their own rows
+    stale: list[Outcome]  # ... that missed a row the new leader has
+    failed_sticky: int
 
     def figures(self) -> dict[str, Any]:
         return {
@@ -295,6 +322,9 @@ class Report:
             "within (s)": round(self.window, 1),
             "lost": len(self.lost),
             "doubled": len(self.doubled),
+            "writers' reads": self.sticky_reads,
+            "stale": len(self.stale),
+            "writers' reads failed": self.failed_sticky,
         }
 
 
@@ -309,6 +339,7 @@ def _report(cluster: Any, outcomes: list[Outcome]) -> Report:
     )
     succeeded = [o.token for o in writes if o.ok and o.token is not None]
     counts = _rows(cluster, succeeded)
+    sticky = [o for o in outcomes if o.kind == "sticky"]
     return Report(
         reads=len(reads),
         failed_reads=[o for o in reads if not o.ok],
@@ -317,6 +348,10 @@ def _report(cluster: Any, outcomes: list[Outcome]) -> Report:
         window=window,
         lost=[t for t in succeeded if counts.get(t, 0) == 0],
         doubled=[t for t in succeeded if counts.get(t, 0) > 1],
+        sticky_reads=len(sticky),
+        # A write PostgreSQL lost cannot be read back; any other miss is a stale read.
+        stale=[o for o in sticky if o.error == "stale" and counts.get(o.token or "", 0) > 0],
+        failed_sticky=len([o for o in sticky if not o.ok]),
     )
 
 
@@ -380,6 +415,7 @@ def test_primary_changes_under_load(
         {**report.figures(), "the change took (s)": round(ended - started, 1)},
     )
     assert report.doubled == []
+    assert report.stale == [], report.stale[:3]
     assert report.failed_reads == [], (report.failed_reads[:3], _exceptions(_LOGS[adapter]))
     assert report.writes_ok > 0
     assert all(o.at >= started - 1 for o in report.failed_writes), "writes failed before"
@@ -405,6 +441,7 @@ def test_no_write_is_lost_with_synchronous_mode(
     reliability(f"HA, flask, failover with synchronous_mode ->{new}", report.figures())
     assert report.lost == []
     assert report.doubled == []
+    assert report.stale == [], report.stale[:3]
     assert report.failed_reads == [], report.failed_reads[:5]
     assert any(o.ok and o.at > ended for o in outcomes if o.kind == "write"), "no recovery"
     ha_sync.wait_for_replicas(len(ha_sync.nodes) - 1)
