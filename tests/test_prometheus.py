@@ -459,7 +459,8 @@ def test_gunicorn_workers_merged_in_multiprocess_mode(
         victim = int(served.most_common(1)[0][0])
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + START_TIMEOUT
-        while any(p == f"gauge_livemax_{victim}.db" for p in os.listdir(files)):
+        assert f"gauge_livemostrecent_{victim}.db" in os.listdir(files)
+        while any(p == f"gauge_livemostrecent_{victim}.db" for p in os.listdir(files)):
             assert time.monotonic() < deadline, os.listdir(files)
             time.sleep(0.1)
         again = settled(READS + 2)
