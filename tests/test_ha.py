@@ -141,16 +141,7 @@ def _server(
         )
         url = f"http://{HOST}:{sock.getsockname()[1]}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            server.check_running()
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, server.log_tail()
-            time.sleep(0.1)
+        server.wait_until_answering(f"{url}/health", START_TIMEOUT)
         yield url
     finally:
         server.stop(signal.SIGINT)
