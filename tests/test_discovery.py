@@ -578,6 +578,30 @@ def test_bad_discovery_settings_fail_with_a_sentence_naming_the_key():
     )
 
 
+def test_a_password_in_bad_discovery_engine_options_is_not_shown():
+    """Keys are shown, as names; no text in a value is, at any depth (any may be a secret)."""
+    url = "postgresql://app:s3cret@replicas.test/app"
+    start = (
+        "'REPLICATED_REPLICA_DISCOVERY['engine_options']' must be a dict of engine options, "
+        "such as {'pool_size': 10}, got "
+    )
+    cases = [
+        (
+            {"connect_args": {"password": "s3cret"}, 5: 1},
+            "{'connect_args': {'password': '***'}, 5: 1}.",
+        ),
+        ([("connect_args", {"password": "s3cret"})], "[('connect_args', {'password': '***'})]."),
+        ([("password", "s3cret"), ("pool_size", 5)], "[('password', '***'), ('pool_size', 5)]."),
+        ({"connect_args": {"passwd": 1234}, 5: 1}, "{'connect_args': {'passwd': '***'}, 5: 1}."),
+        (
+            {"connect_args": {"options": ["-c", "s3cret"]}, 5: 1},
+            "{'connect_args': {'options': ['***', '***']}, 5: 1}.",
+        ),
+    ]
+    for options, shown in cases:
+        assert _error({"url": url, "engine_options": options}) == start + shown
+
+
 def test_bad_engine_options_of_discovered_replicas_fail_at_start_up():
     discovery = {
         "url": "postgresql+psycopg://app:s3cret@replicas.test/app",
