@@ -247,6 +247,7 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
             value["REPLICATED_REPLICA_WEIGHTS"],
             [spec.name for spec in replicas] if replicas else list(replica_binds),
             {key: [spec.name for spec in specs] for key, specs in bind_replicas.items()},
+            discovery=discovery is not None,
         ),
         prefer_least_lag=_bool("REPLICATED_PREFER_LEAST_LAG", value),
         discovery=discovery,
@@ -552,10 +553,15 @@ def _finite(value: object) -> float | None:
 
 
 def _weights(
-    value: object, names: list[str], others: Mapping[str, list[str]] | None = None
+    value: object,
+    names: list[str],
+    others: Mapping[str, list[str]] | None = None,
+    *,
+    discovery: bool = False,
 ) -> dict[str, float]:
-    # ``names``: the default database's replicas, by bind name or by their name in
-    # REPLICATED_REPLICAS; ``others``: those of each further database, by bind key.
+    # ``names``: the default database's fixed replicas, by bind name or by their name in
+    # REPLICATED_REPLICAS; ``others``: those of each further database, by bind key;
+    # ``discovery``: the default database has discovered replicas too, which weigh 1.
     key = "REPLICATED_REPLICA_WEIGHTS"
     if value is None:
         return {}
@@ -580,6 +586,8 @@ def _weights(
             )
         weights[name] = number
     for database, group in databases.items():
+        if database == "" and discovery:
+            continue
         if all(weights.get(name, 1.0) == 0 for name in group):
             which = f" of the database '{database}'" if database else ""
             raise ConfigError(
