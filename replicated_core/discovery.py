@@ -107,17 +107,18 @@ class Discovery:
         self.clock = clock
         self._nodes: dict[str, Node] = {}  # the discovered replicas, by name
         self._leaving: list[_Leaving] = []  # those that left and are not disposed of yet
-        self.after_fork()
-        self.resolutions = 0
-        self.failures = 0
         self._resolved_at: float | None = None
         self._error: str | None = None
+        self.after_fork()
 
     def after_fork(self) -> None:
         """Forget the parent's resolution in flight and its lock (a fork's child);
-        the replicas still draining there are the parent's to close."""
+        the replicas still draining there are the parent's to close. The counters
+        start at 0, as the router's do: the processes' counts are summed."""
         self._lock = threading.Lock()
         self._resolving = False
+        self.resolutions = 0
+        self.failures = 0
         self._next = 0.0
         self._random = random.Random()
         for leaving in self._leaving:

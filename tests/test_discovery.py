@@ -316,29 +316,46 @@ def test_flask_status_shows_discovery(a_cluster, dns_server):
 def test_flask_workers_forked_after_discovery_resolve_on_their_own(a_cluster, dns_server):
     """gunicorn --preload: the app resolved and read before the fork; each child reads
     from the discovered replicas and resolves again itself (no lock or thread of the
-    parent's)."""
+    parent's). Its discovery counters start at 0, as its other counters do: the
+    multiprocess mirror sums the processes' counts, so a child that kept the parent's
+    would count the parent's resolutions once more."""
     from test_forks import run_children
 
     port = a_cluster.replicas[0].port
     dns_server.set_a(NAME, ["127.0.0.2", "127.0.0.3"])
-    app = _flask_app(a_cluster, dns_server)
+    app = _flask_app(a_cluster, dns_server, timeout=0.2)
     router = app.extensions["replicated"].router(app)
     client = app.test_client()
+    keys = ("position_checks", "discovery_resolutions", "discovery_failures")
     try:
         _flask_who(client)  # the prober runs, the pools hold connections
-        before = router.discovery.resolutions
+        dns_server.stop()  # a failure too, for the child not to inherit
+        failures = router.discovery.failures
+        _wait(lambda: _flask_who(client) and router.discovery.failures > failures, "a failure")
+        dns_server.start()
+        _wait(lambda: _flask_who(client) and router.discovery.status().error is None, "again")
+        assert all(router.metrics()[key] > 0 for key in keys)
 
         def child(index: int) -> dict[str, Any]:
+            at_fork = {key: router.metrics()[key] for key in keys}
             answers = sorted({_flask_who(client) for _ in range(20)})
             start = time.monotonic()
-            while router.discovery.resolutions <= before and time.monotonic() - start < 5:
+            while router.discovery.resolutions < 1 and time.monotonic() - start < 5:
                 _flask_who(client)
                 time.sleep(0.02)
-            return {"answers": answers, "resolved": router.discovery.resolutions > before}
+            return {
+                "at_fork": at_fork,
+                "answers": answers,
+                "resolved": router.discovery.resolutions >= 1,
+            }
 
         reports = run_children(child)
         assert reports == [
-            {"answers": [f"127.0.0.2:{port}:True", f"127.0.0.3:{port}:True"], "resolved": True}
+            {
+                "at_fork": dict.fromkeys(keys, 0),
+                "answers": [f"127.0.0.2:{port}:True", f"127.0.0.3:{port}:True"],
+                "resolved": True,
+            }
         ] * len(reports)
     finally:
         _dispose_flask(app)
