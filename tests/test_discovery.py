@@ -361,6 +361,45 @@ def test_flask_workers_forked_after_discovery_resolve_on_their_own(a_cluster, dn
         _dispose_flask(app)
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_flask_the_dns_server_down_at_start_up_is_logged_as_no_replica_found_yet(
+    caplog: Any, fixed: bool
+) -> None:
+    """No replica was found before: reads go to the fixed replicas, or the primary."""
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY="discovery-tests",
+        SQLALCHEMY_DATABASE_URI="postgresql+psycopg://app:s3cret@127.0.0.1:1/app",
+        REPLICATED_REPLICA_DISCOVERY={
+            "url": "postgresql+psycopg://app:s3cret@replicas.test:1/app",
+            "timeout": 0.3,
+            "nameservers": ["127.0.0.1:9"],  # nothing answers there
+        },
+    )
+    if fixed:
+        app.config["REPLICATED_REPLICAS"] = {
+            "reporting": "postgresql+psycopg://app:s3cret@127.0.0.2:1/app"
+        }
+    SQLAlchemy(app)
+    with caplog.at_level(logging.WARNING, logger="replicated"):
+        router = FlaskReplicated(app).router(app)
+    try:
+        [record] = [r for r in caplog.records if r.getMessage().startswith("Could not resolve")]
+        where = "the fixed replicas" if fixed else "the primary"
+        start = (
+            "Could not resolve the replicas of 'REPLICATED_REPLICA_DISCOVERY' (A records of "
+            f"'{NAME}'): {str(router.discovery.status().error).rstrip('.')}. "
+        )
+        assert record.getMessage() == start + (
+            f"No replica has been found yet: reads go to {where} until the name resolves; "
+            "it is tried again every 30 s, and this is logged once until it resolves."
+        )
+        assert "s3cret" not in caplog.text
+        assert router.discovery.failures == 1
+    finally:
+        router.close()
+
+
 # -- Flask, SRV records ------------------------------------------------------------------
 
 
