@@ -200,6 +200,18 @@ class Databases:
 
     # -- jobs --------------------------------------------------------------------
 
+    def written(self) -> dict[Router, Position | None]:
+        """The databases the request being served wrote, each with its primary's
+        position after the write (None when it was not read: a time entry, the
+        primary for the sticky time, as the cookie has); empty outside a request or
+        when it wrote none."""
+        written: dict[Router, Position | None] = {}
+        for router in self.all:
+            scope = router.requests.scope()
+            if scope is not None and (scope.wrote or scope.position is not None):
+                written[router] = scope.position
+        return written
+
     def token_for(self, positions: Mapping[Router, Position | None]) -> str:
         """A consistency token with an entry for each database of ``positions`` (its
         primary's position after the writes it must cover; None: only that its

@@ -314,6 +314,45 @@ def test_flask_job_token_pins_only_the_written_database(cluster, written, other)
         dispose(app)
 
 
+class _PositionNotRead:
+    """A backend whose primary position cannot be read (the rest is the real one's)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def read_primary_position(self, dbapi_connection: Any) -> Any:
+        raise RuntimeError("position not read")
+
+
+def test_flask_job_token_covers_a_written_database_whose_position_was_not_read(cluster):
+    """A request writes both databases, and the default primary's position cannot be
+    read after its commit (logged: its client stays on the primary for the sticky
+    time). The job token has a time entry for it, as the cookie has. Seen failing
+    before: the token left the default database out, so a job read it from any
+    replica."""
+    app = flask_app(cluster)
+    router = app.extensions["replicated"].router(app)
+    real = router.backend
+    try:
+        router.backend = _PositionNotRead(real)
+        response = app.test_client().post("/write/ab", data={"name": "no-position"})
+        router.backend = real
+        token = response.json["token"]
+        assert router.codec.loads(response.headers["Replicated-Token"], 30) == StickyToken()
+        assert router.codec.loads(token, 30) == StickyToken()
+        held = app.extensions["replicated"].router(app, bind_key=SECOND).codec.loads(token, 30)
+        assert held is not None
+        assert held.lsn is not None  # its position was read
+        with app.app_context(), use_replica(after=token):
+            assert app.who()["a"] == "primary"
+    finally:
+        router.backend = real
+        dispose(app)
+
+
 def test_flask_old_single_database_token_is_the_default_databases(cluster):
     """A token of the one-database shape (made before 'second' was routed) pins the
     default database's reads and no other's; a garbled one is ignored."""
@@ -593,6 +632,31 @@ async def test_quart_job_token_pins_only_the_written_database(cluster):
             assert served["b"] in REPLICA_LABELS, served
     finally:
         await app.extensions["replicated"].dispose(app)
+
+
+async def test_quart_job_token_covers_a_written_database_whose_position_was_not_read(
+    cluster,
+):
+    """As in Flask: seen failing before, the token left the default database out."""
+    app = quart_app(cluster)
+    rep = app.extensions["replicated"]
+    router = rep.router(app)
+    real = router.backend
+    try:
+        router.backend = _PositionNotRead(real)
+        response = await app.test_client().post("/write/ab", form={"name": "no-position"})
+        router.backend = real
+        token = (await response.get_json())["token"]
+        assert router.codec.loads(response.headers["Replicated-Token"], 30) == StickyToken()
+        assert router.codec.loads(token, 30) == StickyToken()
+        held = rep.router(app, bind_key=SECOND).codec.loads(token, 30)
+        assert held is not None
+        assert held.lsn is not None  # its position was read
+        async with app.app_context(), use_replica(after=token):
+            assert (await app.who())["a"] == "primary"
+    finally:
+        router.backend = real
+        await rep.dispose(app)
 
 
 async def test_quart_status_shows_every_database(cluster):
