@@ -491,6 +491,40 @@ def test_config_errors_name_the_key(cluster):
     assert [_config_error(cluster, **config) for config, _ in cases] == [m for _, m in cases]
 
 
+def _quart_config_error(cluster: Any, **config: Any) -> str:
+    from quart import Quart
+
+    from quart_replicated import QuartReplicated
+
+    app = Quart(__name__)
+    app.config.update(_config(cluster, "asyncpg", **config))
+    with pytest.raises(ConfigError) as caught:
+        QuartReplicated(app)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("adapter", ["flask", "quart"])
+@pytest.mark.parametrize("key", ["REPLICATED_REPLICAS", "REPLICATED_BIND_REPLICAS"])
+def test_a_bad_engine_option_of_a_replica_names_the_key(cluster, adapter, key):
+    """Seen failing before in Flask: SQLAlchemy's own TypeError came out of init_app;
+    in Quart the sentence said the URL needed an async driver."""
+    flask = adapter == "flask"
+    driver, error = ("psycopg", _config_error) if flask else ("asyncpg", _quart_config_error)
+    urls = _urls(cluster, driver)
+    if key == "REPLICATED_REPLICAS":
+        where = f"{key}['a_replica']"
+        config = {key: {"a_replica": {"url": urls["app"]["replica"], "pool_sise": 5}}}
+    else:
+        where = f"{key}['{SECOND}']['b_replica']"
+        config = {key: {SECOND: {"b_replica": {"url": urls[SECOND]["replica"], "pool_sise": 5}}}}
+    message = error(cluster, **config)
+    assert message == (
+        f"'{where}' cannot make an engine (TypeError): the engine takes no option "
+        "'pool_sise'. Fix or remove it."
+    )
+    assert cluster.password not in message
+
+
 # -- Quart -----------------------------------------------------------------------------
 
 
