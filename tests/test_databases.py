@@ -856,6 +856,38 @@ def test_a_token_of_ten_databases_fits_and_a_forged_one_is_ignored():
     assert [c.no_entry(forged) for c in codecs] == [False] * 10
 
 
+def test_a_token_of_every_database_written_is_read_back(caplog):
+    """Seen failing before with 14 databases: the token was over MAX_COOKIE_LENGTH
+    (400), so every codec read it as no token, with no log line. Forty databases with
+    the longest PostgreSQL positions (a 64-bit byte and a 32-bit timeline) fit now."""
+    from replicated_core.backends.postgresql import WalPosition
+    from replicated_core.sticky import MAX_COOKIE_LENGTH
+
+    codecs = _codecs(None, *(f"bind{n}" for n in range(39)))
+    longest = StickyToken(WalPosition(2**64 - 1, 2**32 - 1))
+    with caplog.at_level("WARNING", logger="replicated"):
+        value = codecs[0].dumps_many([(c, longest) for c in codecs])
+    assert len(value) <= MAX_COOKIE_LENGTH <= 4096 - 100  # a browser's cookie, and its name
+    assert [c.loads(value, 30) for c in codecs] == [longest] * 40
+    assert caplog.records == []
+
+
+def test_a_token_too_long_to_be_read_back_is_logged_once(caplog):
+    from replicated_core.sticky import MAX_COOKIE_LENGTH
+
+    codecs = _codecs(None, *(f"bind{n}" for n in range(99)))
+    token = StickyToken(2**62)
+    with caplog.at_level("WARNING", logger="replicated"):
+        values = [codecs[0].dumps_many([(c, token) for c in codecs]) for _ in range(3)]
+    assert len(values[0]) > MAX_COOKIE_LENGTH
+    assert [r.getMessage() for r in caplog.records] == [
+        f"A consistency token of 100 databases is {len(values[0])} characters long, over "
+        f"the {MAX_COOKIE_LENGTH} a token may have, so it will be read as no token: the "
+        "clients that wrote that many databases at once may read from replicas that have "
+        "not caught up with their writes. (Logged once.)"
+    ]
+
+
 # -- failover ----------------------------------------------------------------------------
 
 
