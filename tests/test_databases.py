@@ -491,6 +491,28 @@ def test_config_errors_name_the_key(cluster):
     assert [_config_error(cluster, **config) for config, _ in cases] == [m for _, m in cases]
 
 
+@pytest.mark.parametrize(
+    "default", [{"REPLICATED_REPLICAS": {"r1": "postgresql://app@r1/app"}}, {}]
+)
+def test_a_bind_key_named_like_the_default_database_is_refused(default):
+    """'(default)' names the default database in the status command and the debug
+    header: a bind of that name would make two databases of one name. Seen failing
+    before beside REPLICATED_REPLICAS (accepted)."""
+    from replicated_core.config import load_config
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            {
+                **default,
+                "REPLICATED_BIND_REPLICAS": {"(default)": {"u1": "postgresql://app@h1/users"}},
+            }
+        )
+    assert str(caught.value) == (
+        "'REPLICATED_BIND_REPLICAS' gives replicas to the bind '(default)', the name of the "
+        "default database in the status command and the debug header. Rename that bind."
+    )
+
+
 def _quart_config_error(cluster: Any, **config: Any) -> str:
     from quart import Quart
 
