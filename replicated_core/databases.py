@@ -65,8 +65,14 @@ class Databases:
         (None: no secret key) and, but for the default, its own scope variable."""
         routers: dict[str | None, Router] = {}
         tags: dict[str, str] = {}
+        first: StickyCodec | None = None
         for key, (primary, replicas) in nodes.items():
             own = codec()
+            if own is not None:
+                if first is None:
+                    first = own
+                else:
+                    own.share_warnings(first)  # each logged once for the app
             scope_var: ContextVar[RequestScope | None] | None = None
             if key is not None:
                 tag = database_tag(key)

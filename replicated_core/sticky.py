@@ -165,8 +165,9 @@ class StickyCodec:
         elif isinstance(fallbacks, (str, bytes)):
             fallbacks = (fallbacks,)  # one key, not one key per character
         self._fallbacks = tuple(_keyed_hmac(key, salt) for key in fallbacks)
-        self._warned = False
-        self._warned_long = False
+        # The warnings logged already (once each): shared by an app's codecs, one per
+        # database (``share_warnings``).
+        self._warned: set[str] = set()
         # Time mode signs the same payload all second long: keep the last value.
         self._last: tuple[bytes, int, str] = (b"", -1, "")
         # A client sends the same value with each request until its next write, so
@@ -212,8 +213,8 @@ class StickyCodec:
             for codec, token in entries
         ]
         value = self._sign(_MANY + _MANY.join(parts), now)
-        if len(value) > MAX_COOKIE_LENGTH and not self._warned_long:
-            self._warned_long = True  # a race between threads may say it twice
+        if len(value) > MAX_COOKIE_LENGTH and "long" not in self._warned:
+            self._warned.add("long")  # a race between threads may say it twice
             logger.warning(
                 "A consistency token of %d databases is %d characters long, over the %d "
                 "a token may have, so it will be read as no token: the clients that wrote "
@@ -358,9 +359,14 @@ class StickyCodec:
     def _warn_key_mismatch(self) -> None:
         # Once: every request of such a client would say it again. A race between
         # threads may say it twice, which is harmless.
-        if not self._warned:
-            self._warned = True
+        if "key" not in self._warned:
+            self._warned.add("key")
             logger.warning(KEY_MISMATCH_WARNING)
+
+    def share_warnings(self, other: StickyCodec) -> None:
+        """Log each warning once for this codec and ``other`` together (the codecs of
+        one app's databases): a client's token reaches every database's codec."""
+        self._warned = other._warned
 
 
 def _keyed_hmac(secret_key: str | bytes, salt: str) -> hmac.HMAC:

@@ -910,6 +910,24 @@ def test_a_token_too_long_to_be_read_back_is_logged_once(caplog):
     ]
 
 
+def test_a_token_of_another_key_is_logged_once_with_several_databases(app, caplog):
+    """KEY_MISMATCH_WARNING says "(Logged once.)": seen failing before, each database's
+    codec logged it (twice here)."""
+    from replicated_core.sticky import KEY_MISMATCH_WARNING
+
+    _wait_for_positions(app)
+    rep = app.extensions["replicated"]
+    own = [router.codec for router in rep.databases(app)]
+    other = StickyCodec("another-key", salt=token_salt("replicated_sticky"))
+    value = other.dumps_many([(codec, StickyToken(0x30000148)) for codec in own])
+    client = app.test_client(use_cookies=False)
+    with caplog.at_level("WARNING", logger="replicated"):
+        for _ in range(2):
+            served = client.get("/who", headers={"Cookie": f"replicated_sticky={value}"}).json
+            assert set(served.values()) <= REPLICA_LABELS, served
+    assert [r.getMessage() for r in caplog.records] == [KEY_MISMATCH_WARNING]
+
+
 # -- failover ----------------------------------------------------------------------------
 
 
