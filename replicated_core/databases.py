@@ -142,10 +142,10 @@ class Databases:
 
     def describe(self, scopes: Sequence[RequestScope]) -> str:
         """The debug header's value: the node each database's reads go to, as
-        ``(default)=r1, users=users_r2`` (``-``: not decided yet)."""
+        ``(default)=r1, users=users_r2``. A database not used yet is decided now, as
+        the one-database header decides its request."""
         return ", ".join(
-            f"{self.label(router)}="
-            f"{scope.settled_decision.node.name if scope.settled_decision else '-'}"
+            f"{self.label(router)}={scope.decision.node.name}"
             for router, scope in zip(self.all, scopes, strict=True)
         )
 

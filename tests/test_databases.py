@@ -416,6 +416,32 @@ def test_prometheus_shows_every_database_under_the_apps_label(app):
     )
 
 
+def test_flask_debug_header_with_two_databases_names_a_node_for_each(cluster):
+    """README: REPLICATED_DEBUG_HEADER names each database's node, and in Flask makes
+    every request decide. Seen failing before: '-' for a database the request did not
+    use ('(default)=-, second=-' for a view that queries neither)."""
+    app = flask_app(cluster, REPLICATED_DEBUG_HEADER="X-Served-By")
+    app.add_url_rule("/none", "none", lambda: "no query")
+    app.add_url_rule(
+        "/only-a", "only_a", lambda: str(app.db.session.query(app.models["a"]).count())
+    )
+    replicas = {
+        "(default)": {f"a_{r}" for r in REPLICAS},
+        SECOND: {f"b_{r}" for r in REPLICAS},
+    }
+    try:
+        client = app.test_client()
+        for path in ("/none", "/only-a", "/who"):
+            served = client.get(path).headers["X-Served-By"]
+            names = dict(part.split("=") for part in served.split(", "))
+            assert names.keys() == replicas.keys(), served
+            assert all(names[db] in replicas[db] for db in names), (path, served)
+        served = client.post("/who").headers["X-Served-By"]
+        assert served == f"(default)=(default), {SECOND}={SECOND}"
+    finally:
+        dispose(app)
+
+
 # -- config errors ---------------------------------------------------------------------
 
 
@@ -713,6 +739,23 @@ async def test_quart_job_token_covers_a_written_database_whose_position_was_not_
     finally:
         router.backend = real
         await rep.dispose(app)
+
+
+async def test_quart_debug_header_with_two_databases_names_a_node_for_each(cluster):
+    app = quart_app(cluster, REPLICATED_DEBUG_HEADER="X-Served-By")
+
+    @app.get("/none")
+    async def none() -> str:
+        return "no query"
+
+    try:
+        served = (await app.test_client().get("/none")).headers["X-Served-By"]
+        names = dict(part.split("=") for part in served.split(", "))
+        assert names.keys() == {"(default)", SECOND}, served
+        assert names["(default)"] in {f"a_{r}" for r in REPLICAS}, served
+        assert names[SECOND] in {f"b_{r}" for r in REPLICAS}, served
+    finally:
+        await app.extensions["replicated"].dispose(app)
 
 
 async def test_quart_status_shows_every_database(cluster):
