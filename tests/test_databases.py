@@ -442,6 +442,21 @@ def test_flask_debug_header_with_two_databases_names_a_node_for_each(cluster):
         dispose(app)
 
 
+def test_counters_are_the_default_databases_and_each_counts_every_request(app):
+    """What the README says of counters with several databases: ``rep.counters()`` is
+    the default database's, ``rep.router(bind_key=...).metrics()`` another's, and each
+    database counts every request (a request using one database counts in both)."""
+    rep = app.extensions["replicated"]
+    app.add_url_rule("/only-b", "only_b", lambda: str(app.names(app.models["b"])))
+    client = app.test_client()
+    client.get("/who")
+    client.get("/only-b")
+    second = rep.router(app, bind_key=SECOND).metrics()
+    assert rep.counters(app) == rep.router(app).metrics()
+    assert (rep.counters(app)["requests_total"], second["requests_total"]) == (2, 2)
+    assert (rep.counters(app)["requests_to_replica"], second["requests_to_replica"]) == (1, 2)
+
+
 # -- config errors ---------------------------------------------------------------------
 
 
