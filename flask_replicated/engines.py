@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL, Engine
 
-from replicated_core.binds import is_shared_primary
+from replicated_core.binds import engine_error, is_shared_primary
 from replicated_core.config import DEFAULT_PRIMARY_BIND
 from replicated_core.errors import ConfigError
 
@@ -85,16 +85,23 @@ def prepare_engines(
     engines = maker.engines
     default = engines.get(None)
     replica_engines: dict[str, Engine] = {}
-    for specs in config.bind_replicas.values():
-        for spec in specs:
-            replica_engines[spec.name] = maker.make(spec.name, spec.url, spec.options)
+    try:
+        for key, specs in config.bind_replicas.items():
+            for spec in specs:
+                where = f"REPLICATED_BIND_REPLICAS['{key}']['{spec.name}']"
+                replica_engines[spec.name] = maker.replica(where, spec.name, spec.url, spec.options)
+        if config.replicas and default is not None:  # else build_nodes says what is missing
+            for spec in config.replicas:
+                where = f"REPLICATED_REPLICAS['{spec.name}']"
+                replica_engines[spec.name] = maker.replica(where, spec.name, spec.url, spec.options)
+    except ConfigError:
+        for engine in replica_engines.values():
+            engine.dispose()
+        raise
     for key in config.bind_replicas:
         if key in engines:  # else build_bind_nodes names the missing bind
             maker.remake(key)
     if config.replicas or config.discovery is not None:
-        if default is not None:  # else build_nodes says what is missing
-            for spec in config.replicas:
-                replica_engines[spec.name] = maker.make(spec.name, spec.url, spec.options)
         return engines, replica_engines
     name = config.primary_bind or DEFAULT_PRIMARY_BIND
     if name in engines:
@@ -169,6 +176,14 @@ class _EngineMaker:
         old = self.engines[name]
         self.engines[name] = self.make(name, url, own)
         old.dispose()
+
+    def replica(self, where: str, name: str, url: str | URL, own: Mapping[str, Any]) -> Engine:
+        """A replica's engine (``make``); a ConfigError naming ``where``, its config
+        key, if its options are wrong."""
+        try:
+            return self.make(name, url, own)
+        except Exception as error:
+            raise engine_error(where, error, own) from None
 
     def make(self, key: str | None, url: str | URL, own: Mapping[str, Any]) -> Engine:
         """An engine for ``url``: the shared options, then ``own``, then the driver

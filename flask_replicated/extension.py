@@ -158,8 +158,9 @@ class FlaskReplicated:
         Where positions cannot be read (SQLite), a token that keeps its holder on the
         primary for the sticky time. Needs SECRET_KEY.
 
-        With several databases: the positions of the databases this request wrote,
-        or else of every database's primary (one round trip each)."""
+        With several databases: the positions of the databases this request wrote
+        (a time entry for one whose position was not read, as in the cookie), or
+        else of every database's primary (one round trip each)."""
         databases = self.databases(app)
         if not databases.several:
             router = databases.default
@@ -168,11 +169,7 @@ class FlaskReplicated:
             if position is None and router.backend.has_positions:
                 position = _primary_position(router)
             return router.token_for(position)
-        positions: dict[Router, Position | None] = {}
-        for each in databases:
-            scope = each.requests.scope()
-            if scope is not None and scope.position is not None:
-                positions[each] = scope.position
+        positions = databases.written()
         if not positions:
             for each in databases:
                 positions[each] = _primary_position(each) if each.backend.has_positions else None

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from replicated_core.binds import is_shared_primary
+from replicated_core.binds import engine_error, is_shared_primary
 from replicated_core.config import DEFAULT_PRIMARY_BIND
 from replicated_core.errors import ConfigError
 
@@ -109,6 +109,8 @@ def _create(name: str, spec: Any, shared: Mapping[str, Any]) -> AsyncEngine:
         raise ConfigError(f"'{name}' must be a database URL.")
     try:
         return create_async_engine(url, **options)
+    except TypeError as error:  # an option create_async_engine does not take
+        raise engine_error(name, error, options) from None
     except Exception as error:
         # The message names the key; the URL is left out, it may hold a password.
         raise ConfigError(

@@ -292,8 +292,9 @@ class QuartReplicated:
         Where positions cannot be read (SQLite), a token that keeps its holder on the
         primary for the sticky time. Needs SECRET_KEY.
 
-        With several databases: the positions of the databases this request wrote,
-        or else of every database's primary (one round trip each)."""
+        With several databases: the positions of the databases this request wrote
+        (a time entry for one whose position was not read, as in the cookie), or
+        else of every database's primary (one round trip each)."""
         state = self._state(app)
         databases = state.databases
         if not databases.several:
@@ -303,11 +304,7 @@ class QuartReplicated:
             if position is None and router.backend.has_positions:
                 position = await state.primary_position(router)
             return router.token_for(position)
-        positions: dict[Router, Position | None] = {}
-        for each in databases:
-            scope = each.requests.scope()
-            if scope is not None and scope.position is not None:
-                positions[each] = scope.position
+        positions = databases.written()
         if not positions:
             for each in databases:
                 has = each.backend.has_positions

@@ -20,10 +20,29 @@ __all__ = [
     "DEFAULT_PRIMARY_NAME",
     "build_bind_nodes",
     "build_nodes",
+    "engine_error",
     "is_read_only_sqlite",
     "is_shared_primary",
     "same_database",
 ]
+
+
+def engine_error(where: str, error: BaseException, options: Mapping[str, object]) -> ConfigError:
+    """The ConfigError for an engine that ``where`` (a config key, such as
+    ``REPLICATED_REPLICAS['r1']``) could not be made with: ``error``, raised by
+    ``create_engine`` for ``options`` (that key's own engine options). It names the
+    key, and those of the options the error names: never the URL or any value,
+    which may hold a password."""
+    text = str(error)
+    named = [name for name in options if f"'{name}'" in text]
+    if isinstance(error, TypeError) and named:
+        listed = ", ".join(f"'{name}'" for name in named)
+        option = "option" if len(named) == 1 else "options"
+        them = "it" if len(named) == 1 else "them"
+        advice = f"the engine takes no {option} {listed}. Fix or remove {them}."
+    else:
+        advice = "check its URL and engine options."
+    return ConfigError(f"'{where}' cannot make an engine ({type(error).__name__}): {advice}")
 
 
 def is_shared_primary(default: URL | None, bind: URL) -> bool:

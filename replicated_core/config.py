@@ -486,6 +486,11 @@ def _bind_replicas(value: object, taken: list[str]) -> dict[str, tuple[ReplicaUR
             raise ConfigError(
                 f"'{key}' must have bind keys of SQLALCHEMY_BINDS as keys, got {_shown(bind_key)}."
             )
+        if bind_key == DEFAULT_PRIMARY_NAME:
+            raise ConfigError(
+                f"'{key}' gives replicas to the bind '{bind_key}', the name of the default "
+                "database in the status command and the debug header. Rename that bind."
+            )
         if bind_key in names:
             raise ConfigError(
                 f"'{key}' gives replicas to the bind '{bind_key}', which is a node of "

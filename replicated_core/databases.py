@@ -65,8 +65,14 @@ class Databases:
         (None: no secret key) and, but for the default, its own scope variable."""
         routers: dict[str | None, Router] = {}
         tags: dict[str, str] = {}
+        first: StickyCodec | None = None
         for key, (primary, replicas) in nodes.items():
             own = codec()
+            if own is not None:
+                if first is None:
+                    first = own
+                else:
+                    own.share_warnings(first)  # each logged once for the app
             scope_var: ContextVar[RequestScope | None] | None = None
             if key is not None:
                 tag = database_tag(key)
@@ -136,10 +142,10 @@ class Databases:
 
     def describe(self, scopes: Sequence[RequestScope]) -> str:
         """The debug header's value: the node each database's reads go to, as
-        ``(default)=r1, users=users_r2`` (``-``: not decided yet)."""
+        ``(default)=r1, users=users_r2``. A database not used yet is decided now, as
+        the one-database header decides its request."""
         return ", ".join(
-            f"{self.label(router)}="
-            f"{scope.settled_decision.node.name if scope.settled_decision else '-'}"
+            f"{self.label(router)}={scope.decision.node.name}"
             for router, scope in zip(self.all, scopes, strict=True)
         )
 
@@ -199,6 +205,18 @@ class Databases:
         return CookieUpdate(name, value, default.requests.max_age, path, secure)
 
     # -- jobs --------------------------------------------------------------------
+
+    def written(self) -> dict[Router, Position | None]:
+        """The databases the request being served wrote, each with its primary's
+        position after the write (None when it was not read: a time entry, the
+        primary for the sticky time, as the cookie has); empty outside a request or
+        when it wrote none."""
+        written: dict[Router, Position | None] = {}
+        for router in self.all:
+            scope = router.requests.scope()
+            if scope is not None and (scope.wrote or scope.position is not None):
+                written[router] = scope.position
+        return written
 
     def token_for(self, positions: Mapping[Router, Position | None]) -> str:
         """A consistency token with an entry for each database of ``positions`` (its

@@ -37,8 +37,11 @@ __all__ = [
 ]
 
 # A real token is about 50 characters, and about 30 more for each further database
-# written (see "Several databases" in the README): room for ten.
-MAX_COOKIE_LENGTH = 400
+# written (see "Several databases" in the README); at most 40 more, with the longest
+# PostgreSQL positions (a 64-bit byte and a 32-bit timeline): room for 49 databases
+# written at once, well within the 4096 bytes a browser keeps of a cookie (its name
+# and value). A token made longer is logged, once (``dumps_many``).
+MAX_COOKIE_LENGTH = 2000
 # App servers behind one load balancer disagree on the time a little, and stamps are
 # whole seconds: a cookie stamped up to this far in the future is still honoured.
 CLOCK_SKEW = 2.0
@@ -162,12 +165,15 @@ class StickyCodec:
         elif isinstance(fallbacks, (str, bytes)):
             fallbacks = (fallbacks,)  # one key, not one key per character
         self._fallbacks = tuple(_keyed_hmac(key, salt) for key in fallbacks)
-        self._warned = False
+        # The warnings logged already (once each): shared by an app's codecs, one per
+        # database (``share_warnings``).
+        self._warned: set[str] = set()
         # Time mode signs the same payload all second long: keep the last value.
         self._last: tuple[bytes, int, str] = (b"", -1, "")
         # A client sends the same value with each request until its next write, so
         # the check of a value is kept (not its age, which is computed each time). A
-        # few hundred entries of under 200 characters: bounded, whatever clients send.
+        # few hundred entries of at most MAX_COOKIE_LENGTH characters (a one-database
+        # token is under 100): bounded, whatever clients send.
         self._check = functools.lru_cache(maxsize=_CHECKED_VALUES)(self._verify)
         self.positions = positions
         self.cluster: str | None = None
@@ -206,7 +212,19 @@ class StickyCodec:
             (codec.database or _DEFAULT_DATABASE).encode("ascii") + b"." + codec._entry(token)
             for codec, token in entries
         ]
-        return self._sign(_MANY + _MANY.join(parts), now)
+        value = self._sign(_MANY + _MANY.join(parts), now)
+        if len(value) > MAX_COOKIE_LENGTH and "long" not in self._warned:
+            self._warned.add("long")  # a race between threads may say it twice
+            logger.warning(
+                "A consistency token of %d databases is %d characters long, over the %d "
+                "a token may have, so it will be read as no token: the clients that wrote "
+                "that many databases at once may read from replicas that have not caught "
+                "up with their writes. (Logged once.)",
+                len(entries),
+                len(value),
+                MAX_COOKIE_LENGTH,
+            )
+        return value
 
     def _entry(self, token: StickyToken) -> bytes:
         cluster = self.cluster
@@ -341,9 +359,14 @@ class StickyCodec:
     def _warn_key_mismatch(self) -> None:
         # Once: every request of such a client would say it again. A race between
         # threads may say it twice, which is harmless.
-        if not self._warned:
-            self._warned = True
+        if "key" not in self._warned:
+            self._warned.add("key")
             logger.warning(KEY_MISMATCH_WARNING)
+
+    def share_warnings(self, other: StickyCodec) -> None:
+        """Log each warning once for this codec and ``other`` together (the codecs of
+        one app's databases): a client's token reaches every database's codec."""
+        self._warned = other._warned
 
 
 def _keyed_hmac(secret_key: str | bytes, salt: str) -> hmac.HMAC:

@@ -314,6 +314,45 @@ def test_flask_job_token_pins_only_the_written_database(cluster, written, other)
         dispose(app)
 
 
+class _PositionNotRead:
+    """A backend whose primary position cannot be read (the rest is the real one's)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def read_primary_position(self, dbapi_connection: Any) -> Any:
+        raise RuntimeError("position not read")
+
+
+def test_flask_job_token_covers_a_written_database_whose_position_was_not_read(cluster):
+    """A request writes both databases, and the default primary's position cannot be
+    read after its commit (logged: its client stays on the primary for the sticky
+    time). The job token has a time entry for it, as the cookie has. Seen failing
+    before: the token left the default database out, so a job read it from any
+    replica."""
+    app = flask_app(cluster)
+    router = app.extensions["replicated"].router(app)
+    real = router.backend
+    try:
+        router.backend = _PositionNotRead(real)
+        response = app.test_client().post("/write/ab", data={"name": "no-position"})
+        router.backend = real
+        token = response.json["token"]
+        assert router.codec.loads(response.headers["Replicated-Token"], 30) == StickyToken()
+        assert router.codec.loads(token, 30) == StickyToken()
+        held = app.extensions["replicated"].router(app, bind_key=SECOND).codec.loads(token, 30)
+        assert held is not None
+        assert held.lsn is not None  # its position was read
+        with app.app_context(), use_replica(after=token):
+            assert app.who()["a"] == "primary"
+    finally:
+        router.backend = real
+        dispose(app)
+
+
 def test_flask_old_single_database_token_is_the_default_databases(cluster):
     """A token of the one-database shape (made before 'second' was routed) pins the
     default database's reads and no other's; a garbled one is ignored."""
@@ -375,6 +414,47 @@ def test_prometheus_shows_every_database_under_the_apps_label(app):
         )
         for node in nodes
     )
+
+
+def test_flask_debug_header_with_two_databases_names_a_node_for_each(cluster):
+    """README: REPLICATED_DEBUG_HEADER names each database's node, and in Flask makes
+    every request decide. Seen failing before: '-' for a database the request did not
+    use ('(default)=-, second=-' for a view that queries neither)."""
+    app = flask_app(cluster, REPLICATED_DEBUG_HEADER="X-Served-By")
+    app.add_url_rule("/none", "none", lambda: "no query")
+    app.add_url_rule(
+        "/only-a", "only_a", lambda: str(app.db.session.query(app.models["a"]).count())
+    )
+    replicas = {
+        "(default)": {f"a_{r}" for r in REPLICAS},
+        SECOND: {f"b_{r}" for r in REPLICAS},
+    }
+    try:
+        client = app.test_client()
+        for path in ("/none", "/only-a", "/who"):
+            served = client.get(path).headers["X-Served-By"]
+            names = dict(part.split("=") for part in served.split(", "))
+            assert names.keys() == replicas.keys(), served
+            assert all(names[db] in replicas[db] for db in names), (path, served)
+        served = client.post("/who").headers["X-Served-By"]
+        assert served == f"(default)=(default), {SECOND}={SECOND}"
+    finally:
+        dispose(app)
+
+
+def test_counters_are_the_default_databases_and_each_counts_every_request(app):
+    """What the README says of counters with several databases: ``rep.counters()`` is
+    the default database's, ``rep.router(bind_key=...).metrics()`` another's, and each
+    database counts every request (a request using one database counts in both)."""
+    rep = app.extensions["replicated"]
+    app.add_url_rule("/only-b", "only_b", lambda: str(app.names(app.models["b"])))
+    client = app.test_client()
+    client.get("/who")
+    client.get("/only-b")
+    second = rep.router(app, bind_key=SECOND).metrics()
+    assert rep.counters(app) == rep.router(app).metrics()
+    assert (rep.counters(app)["requests_total"], second["requests_total"]) == (2, 2)
+    assert (rep.counters(app)["requests_to_replica"], second["requests_to_replica"]) == (1, 2)
 
 
 # -- config errors ---------------------------------------------------------------------
@@ -450,6 +530,62 @@ def test_config_errors_name_the_key(cluster):
         ),
     ]
     assert [_config_error(cluster, **config) for config, _ in cases] == [m for _, m in cases]
+
+
+@pytest.mark.parametrize(
+    "default", [{"REPLICATED_REPLICAS": {"r1": "postgresql://app@r1/app"}}, {}]
+)
+def test_a_bind_key_named_like_the_default_database_is_refused(default):
+    """'(default)' names the default database in the status command and the debug
+    header: a bind of that name would make two databases of one name. Seen failing
+    before beside REPLICATED_REPLICAS (accepted)."""
+    from replicated_core.config import load_config
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            {
+                **default,
+                "REPLICATED_BIND_REPLICAS": {"(default)": {"u1": "postgresql://app@h1/users"}},
+            }
+        )
+    assert str(caught.value) == (
+        "'REPLICATED_BIND_REPLICAS' gives replicas to the bind '(default)', the name of the "
+        "default database in the status command and the debug header. Rename that bind."
+    )
+
+
+def _quart_config_error(cluster: Any, **config: Any) -> str:
+    from quart import Quart
+
+    from quart_replicated import QuartReplicated
+
+    app = Quart(__name__)
+    app.config.update(_config(cluster, "asyncpg", **config))
+    with pytest.raises(ConfigError) as caught:
+        QuartReplicated(app)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("adapter", ["flask", "quart"])
+@pytest.mark.parametrize("key", ["REPLICATED_REPLICAS", "REPLICATED_BIND_REPLICAS"])
+def test_a_bad_engine_option_of_a_replica_names_the_key(cluster, adapter, key):
+    """Seen failing before in Flask: SQLAlchemy's own TypeError came out of init_app;
+    in Quart the sentence said the URL needed an async driver."""
+    flask = adapter == "flask"
+    driver, error = ("psycopg", _config_error) if flask else ("asyncpg", _quart_config_error)
+    urls = _urls(cluster, driver)
+    if key == "REPLICATED_REPLICAS":
+        where = f"{key}['a_replica']"
+        config = {key: {"a_replica": {"url": urls["app"]["replica"], "pool_sise": 5}}}
+    else:
+        where = f"{key}['{SECOND}']['b_replica']"
+        config = {key: {SECOND: {"b_replica": {"url": urls[SECOND]["replica"], "pool_sise": 5}}}}
+    message = error(cluster, **config)
+    assert message == (
+        f"'{where}' cannot make an engine (TypeError): the engine takes no option "
+        "'pool_sise'. Fix or remove it."
+    )
+    assert cluster.password not in message
 
 
 # -- Quart -----------------------------------------------------------------------------
@@ -591,6 +727,48 @@ async def test_quart_job_token_pins_only_the_written_database(cluster):
                 assert name in await app.names(app.models["a"])
                 served = await app.who()
             assert served["b"] in REPLICA_LABELS, served
+    finally:
+        await app.extensions["replicated"].dispose(app)
+
+
+async def test_quart_job_token_covers_a_written_database_whose_position_was_not_read(
+    cluster,
+):
+    """As in Flask: seen failing before, the token left the default database out."""
+    app = quart_app(cluster)
+    rep = app.extensions["replicated"]
+    router = rep.router(app)
+    real = router.backend
+    try:
+        router.backend = _PositionNotRead(real)
+        response = await app.test_client().post("/write/ab", form={"name": "no-position"})
+        router.backend = real
+        token = (await response.get_json())["token"]
+        assert router.codec.loads(response.headers["Replicated-Token"], 30) == StickyToken()
+        assert router.codec.loads(token, 30) == StickyToken()
+        held = rep.router(app, bind_key=SECOND).codec.loads(token, 30)
+        assert held is not None
+        assert held.lsn is not None  # its position was read
+        async with app.app_context(), use_replica(after=token):
+            assert (await app.who())["a"] == "primary"
+    finally:
+        router.backend = real
+        await rep.dispose(app)
+
+
+async def test_quart_debug_header_with_two_databases_names_a_node_for_each(cluster):
+    app = quart_app(cluster, REPLICATED_DEBUG_HEADER="X-Served-By")
+
+    @app.get("/none")
+    async def none() -> str:
+        return "no query"
+
+    try:
+        served = (await app.test_client().get("/none")).headers["X-Served-By"]
+        names = dict(part.split("=") for part in served.split(", "))
+        assert names.keys() == {"(default)", SECOND}, served
+        assert names["(default)"] in {f"a_{r}" for r in REPLICAS}, served
+        assert names[SECOND] in {f"b_{r}" for r in REPLICAS}, served
     finally:
         await app.extensions["replicated"].dispose(app)
 
@@ -756,6 +934,56 @@ def test_a_token_of_ten_databases_fits_and_a_forged_one_is_ignored():
     forged = body.replace("4000000000000000", "1", 1) + "." + signature
     assert [c.loads(forged, 30) for c in codecs] == [None] * 10
     assert [c.no_entry(forged) for c in codecs] == [False] * 10
+
+
+def test_a_token_of_every_database_written_is_read_back(caplog):
+    """Seen failing before with 14 databases: the token was over MAX_COOKIE_LENGTH
+    (400), so every codec read it as no token, with no log line. Forty databases with
+    the longest PostgreSQL positions (a 64-bit byte and a 32-bit timeline) fit now."""
+    from replicated_core.backends.postgresql import WalPosition
+    from replicated_core.sticky import MAX_COOKIE_LENGTH
+
+    codecs = _codecs(None, *(f"bind{n}" for n in range(39)))
+    longest = StickyToken(WalPosition(2**64 - 1, 2**32 - 1))
+    with caplog.at_level("WARNING", logger="replicated"):
+        value = codecs[0].dumps_many([(c, longest) for c in codecs])
+    assert len(value) <= MAX_COOKIE_LENGTH <= 4096 - 100  # a browser's cookie, and its name
+    assert [c.loads(value, 30) for c in codecs] == [longest] * 40
+    assert caplog.records == []
+
+
+def test_a_token_too_long_to_be_read_back_is_logged_once(caplog):
+    from replicated_core.sticky import MAX_COOKIE_LENGTH
+
+    codecs = _codecs(None, *(f"bind{n}" for n in range(99)))
+    token = StickyToken(2**62)
+    with caplog.at_level("WARNING", logger="replicated"):
+        values = [codecs[0].dumps_many([(c, token) for c in codecs]) for _ in range(3)]
+    assert len(values[0]) > MAX_COOKIE_LENGTH
+    assert [r.getMessage() for r in caplog.records] == [
+        f"A consistency token of 100 databases is {len(values[0])} characters long, over "
+        f"the {MAX_COOKIE_LENGTH} a token may have, so it will be read as no token: the "
+        "clients that wrote that many databases at once may read from replicas that have "
+        "not caught up with their writes. (Logged once.)"
+    ]
+
+
+def test_a_token_of_another_key_is_logged_once_with_several_databases(app, caplog):
+    """KEY_MISMATCH_WARNING says "(Logged once.)": seen failing before, each database's
+    codec logged it (twice here)."""
+    from replicated_core.sticky import KEY_MISMATCH_WARNING
+
+    _wait_for_positions(app)
+    rep = app.extensions["replicated"]
+    own = [router.codec for router in rep.databases(app)]
+    other = StickyCodec("another-key", salt=token_salt("replicated_sticky"))
+    value = other.dumps_many([(codec, StickyToken(0x30000148)) for codec in own])
+    client = app.test_client(use_cookies=False)
+    with caplog.at_level("WARNING", logger="replicated"):
+        for _ in range(2):
+            served = client.get("/who", headers={"Cookie": f"replicated_sticky={value}"}).json
+            assert set(served.values()) <= REPLICA_LABELS, served
+    assert [r.getMessage() for r in caplog.records] == [KEY_MISMATCH_WARNING]
 
 
 # -- failover ----------------------------------------------------------------------------

@@ -183,22 +183,28 @@ def test_several_databases_example(pg_cluster, load_snippet, monkeypatch):
         pg_cluster.primary, "SELECT 1 FROM pg_database WHERE datname = 'second'"
     ):
         pg_cluster.execute(pg_cluster.primary, "CREATE DATABASE second")
+        pg_cluster.wait_for_replay(include_delayed=True)
     monkeypatch.setenv("USERS_PRIMARY_URL", pg_cluster.primary.url("psycopg", database="second"))
     replica = pg_cluster.replica("replica")
     monkeypatch.setenv("USERS_REPLICA_URL", replica.url("psycopg", database="second"))
+    lagging = pg_cluster.replica("lagging")
+    monkeypatch.setenv("USERS_REPLICA2_URL", lagging.url("psycopg", database="second"))
     module = load_snippet(SEVERAL_DATABASES, "psycopg", replica="replica")
     app, db = module.app, module.db
     rep = app.extensions["replicated"]
     try:
         with app.app_context():
             db.create_all()  # outside a request: each on its primary
-        pg_cluster.wait_for_replay()
+        pg_cluster.wait_for_replay(include_delayed=True)  # users_r2 is the lagging one
         assert app.test_client().get("/page").json == {"items": 0, "users": 0}
         decisions = {key: r.metrics() for key, r in rep.databases(app).routers.items()}
         assert {key: m.get("requests_to_replica", 0) for key, m in decisions.items()} == {
             None: 1,
             "users": 1,
         }
+        users = rep.router(app, bind_key="users")
+        sizes = [users.node_named(name).engine.pool.size() for name in ("users_r1", "users_r2")]
+        assert sizes == [5, 3]  # SQLAlchemy's default, and users_r2's own engine options
     finally:
         with app.app_context():
             db.drop_all()
