@@ -403,9 +403,10 @@ def test_prometheus_shows_every_database_under_the_apps_label(app):
     under the app label 'test_databases-2' (the app's second router)."""
     routers = list(app.extensions["replicated"].databases(app))
     collector = ReplicatedCollector(lambda: routers)
-    [up] = [m for m in collector.collect() if m.name == "replicated_replica_up"]
+    # The weight: the gauge every replica has, checked or not (up is only while checked).
+    [weight] = [m for m in collector.collect() if m.name == "replicated_replica_weight"]
     assert sorted(
-        (s.labels["app"], s.labels["database"], s.labels["node"]) for s in up.samples
+        (s.labels["app"], s.labels["database"], s.labels["node"]) for s in weight.samples
     ) == sorted(
         (app.name, database, node)
         for database, nodes in (

@@ -682,7 +682,10 @@ def test_bad_engine_options_of_discovered_replicas_fail_at_start_up():
     )
     with pytest.raises(ConfigError) as caught:
         QuartReplicated(quart)
-    assert str(caught.value).startswith("'REPLICATED_REPLICA_DISCOVERY' cannot be used: TypeError.")
+    assert str(caught.value) == (
+        "'REPLICATED_REPLICA_DISCOVERY' cannot make an engine (TypeError): the engine takes"
+        " no option 'pool_sizee'. Fix or remove it."
+    )
     assert "s3cret" not in str(caught.value)
 
 
