@@ -150,6 +150,10 @@ class QuartReplicated:
         by_node = {n.name: by_sync[id(n.engine)] for n in (primary, *replicas)}
         other = {k: e for k, e in binds.items() if k not in by_node}
         session_class = with_failover(RoutingSession, _router_of_session)
+        if router.balanced is not None:
+            # Sticky reads on a replica behind one address: checked on the connection
+            # the session begins its transaction on.
+            router.balanced.listen(session_class)
         sessions = async_sessionmaker(
             sync_session_class=session_class,
             router=router,

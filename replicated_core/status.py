@@ -46,6 +46,9 @@ class NodeStatus:
     replayed).
     ``weight`` is the replica's share of reads (``REPLICATED_REPLICA_WEIGHTS``; 0: out
     of rotation), None for the primary.
+    ``balanced`` says the replica is one address in front of several servers
+    (``REPLICATED_BALANCED_REPLICAS``): its row is the server this check's connection
+    reached.
     ``lag_seconds`` is None where nothing tells how long those bytes have waited: one
     check sees bytes waiting but not since when, so a single ``status`` run (a process
     of its own) shows bytes and no time until the replica has caught up.
@@ -62,6 +65,7 @@ class NodeStatus:
     usable: bool
     error: str | None
     weight: float | None = None
+    balanced: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +108,7 @@ class ClusterStatus:
             "down",
             "usable",
             "weight",
+            "balanced",
         )
         rows = [header] + [
             (
@@ -117,6 +122,7 @@ class ClusterStatus:
                 _yes(n.marked_down),
                 "-" if n.role == Role.PRIMARY.value else _yes(n.usable),
                 "-" if n.weight is None else f"{n.weight:g}",
+                "-" if n.role == Role.PRIMARY.value else _yes(n.balanced),
             )
             for n in self.nodes
         ]
@@ -192,9 +198,12 @@ def build_status(
     for node in router.replicas:
         row = results[node.name]
         weight = router.spread.weight(node)
+        balanced = node.name in router.config.balanced_replicas
         if isinstance(row, BaseException):
             router.health.mark_down(node, row)
-            nodes.append(_unreachable(node, row, secrets, marked_down=True, weight=weight))
+            nodes.append(
+                _unreachable(node, row, secrets, marked_down=True, weight=weight, balanced=balanced)
+            )
             continue
         backend = router.backends[node.name]
         probe = backend.replica_probe(row) if probing else None
@@ -229,6 +238,7 @@ def build_status(
                 if probe is None or probe.in_recovery
                 else "not in recovery: this is a primary, not a replica",
                 weight=weight,
+                balanced=balanced,
             )
         )
     return ClusterStatus(router.sticky_mode.value, tuple(nodes))
@@ -281,6 +291,7 @@ def _unreachable(
     *,
     marked_down: bool,
     weight: float | None = None,
+    balanced: bool = False,
 ) -> NodeStatus:
     return NodeStatus(
         name=node.name,
@@ -294,6 +305,7 @@ def _unreachable(
         usable=False,
         error=describe_error(error, secrets),
         weight=weight,
+        balanced=balanced,
     )
 
 

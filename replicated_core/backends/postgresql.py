@@ -153,6 +153,11 @@ class PostgreSQL:
         ms = max(1, round(timeout * 1000))
         return CATCH_UP_SQL.format(rows=ms + 1, position=format_lsn(position), ms=ms)
 
+    def catch_up_on(self, dbapi_connection: Any, position: int, timeout: float) -> int | None:
+        """``catch_up_sql`` on this connection (see ``_scalar``): in autocommit, so that
+        the wait is no snapshot of the transaction the request starts next."""
+        return parse_lsn(_text(_scalar(dbapi_connection, self.catch_up_sql(position, timeout))))
+
     def caught_up(self, row: tuple[object, ...] | None) -> int | None:
         """The replay position the wait ended at."""
         return None if row is None else parse_lsn(_text(row[0]))
