@@ -96,8 +96,9 @@ class ClusterStatus:
         )
 
     def to_table(self) -> str:
-        """The status as a plain-text table."""
-        header = (
+        """The status as a plain-text table; the ``balanced`` column only when a replica
+        is balanced."""
+        header: tuple[str, ...] = (
             "bind",
             "role",
             "address",
@@ -108,7 +109,6 @@ class ClusterStatus:
             "down",
             "usable",
             "weight",
-            "balanced",
         )
         rows = [header] + [
             (
@@ -122,10 +122,15 @@ class ClusterStatus:
                 _yes(n.marked_down),
                 "-" if n.role == Role.PRIMARY.value else _yes(n.usable),
                 "-" if n.weight is None else f"{n.weight:g}",
-                "-" if n.role == Role.PRIMARY.value else _yes(n.balanced),
             )
             for n in self.nodes
         ]
+        if any(n.balanced for n in self.nodes):
+            rows = [(*header, "balanced")] + [
+                (*row, "-" if n.role == Role.PRIMARY.value else _yes(n.balanced))
+                for row, n in zip(rows[1:], self.nodes, strict=True)
+            ]
+            header = rows[0]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = [
             "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

@@ -175,6 +175,54 @@ def test_flask_a_writers_reads_through_a_balanced_address_are_never_stale(
     assert served["primary"] == counts.get("balanced_behind", 0), (served, counts)
 
 
+def test_flask_a_long_enough_wait_serves_every_writer_from_a_replica(flask_factory: Any) -> None:
+    """With a wait longer than the slow server's delay, a connection that reaches it
+    waits there instead of leaving the read to the primary."""
+    app = flask_factory(REPLICATED_CATCH_UP_TIMEOUT=2, **BALANCED)
+    served, stale, done = _flask_pairs(app, 10)
+    assert (done, stale) == (10, 0)
+    assert served["primary"] == 0, served
+
+
+def test_flask_a_connection_that_has_seen_the_write_asks_nothing_more(
+    flask_factory: Any,
+) -> None:
+    """Once both servers have the write, the client's reads are checked once per pooled
+    connection, then known; and the cookie stays (nothing tells that every server behind
+    the address has the write)."""
+    app = flask_factory(**BALANCED)
+    rep = app.extensions["replicated"]
+    with app.test_client() as client:
+        client.get("/items")
+        name = uuid.uuid4().hex
+        assert client.post("/items", data={"name": name}).status_code == 303
+        time.sleep(0.8)  # both servers have replayed it (the slow one 500 ms late)
+        served: Counter[str] = Counter()
+        for _ in range(20):
+            response = client.get("/items")
+            assert name in response.get_json()["names"]
+            assert "Set-Cookie" not in response.headers
+            served[response.get_json()["node"]] += 1
+    counts = rep.counters(app)
+    assert served["primary"] == 0, served
+    assert counts.get("balanced_behind", 0) == 0, counts
+    assert counts["balanced_checks"] <= 5, counts  # the pooled connections the reads got
+    assert counts["balanced_checks"] + counts["balanced_known"] == 20, counts
+
+
+def test_flask_without_the_setting_the_cookie_is_dropped_once_replayed(
+    flask_factory: Any,
+) -> None:
+    """What the setting changes for the cookie: a plain replica drops it once replayed."""
+    app = flask_factory()
+    with app.test_client() as client:
+        client.get("/items")
+        assert client.post("/items", data={"name": "x"}).status_code == 303
+        time.sleep(0.8)
+        cookies = [client.get("/items").headers.get("Set-Cookie", "") for _ in range(5)]
+    assert any("Max-Age=0" in cookie for cookie in cookies), cookies
+
+
 def test_flask_cookieless_readers_use_both_servers(flask_factory: Any, reliability: Any) -> None:
     """Concurrent readers hold several connections, which HAProxy spreads over both
     servers (one reader at a time would reuse one pooled connection, so one server)."""
