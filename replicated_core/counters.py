@@ -10,6 +10,8 @@ __all__ = ["Counters", "Durations"]
 
 # Events kept before they are folded: a few kilobytes.
 _FOLD_AT = 256
+# Durations kept for a drain, a second's worth of waits at thousands a second.
+_MAX_SAMPLES = 10_000
 
 
 class Counters:
@@ -66,6 +68,10 @@ class Durations:
     ``bounds`` are the buckets' upper bounds, ascending; a duration above the last
     falls in the "+Inf" bucket. Observed only when something waited (a catch-up
     wait is a round trip to a replica already), so a lock costs nothing that shows.
+
+    After ``keep_samples()``, each duration is also kept until ``drain()`` takes it,
+    for a copy elsewhere (prometheus_client's multiprocess files); at most
+    ``_MAX_SAMPLES`` wait there, the oldest dropped first.
     """
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
@@ -73,6 +79,7 @@ class Durations:
         self._lock = threading.Lock()
         self._counts = [0] * (len(bounds) + 1)
         self._sum = 0.0
+        self._samples: deque[float] | None = None
 
     def observe(self, seconds: float) -> None:
         """Count one duration of ``seconds``."""
@@ -80,6 +87,24 @@ class Durations:
         with self._lock:
             self._counts[index] += 1
             self._sum += seconds
+            if self._samples is not None:
+                self._samples.append(seconds)
+
+    def keep_samples(self) -> None:
+        """From now on, keep each duration for ``drain()`` too."""
+        with self._lock:
+            if self._samples is None:
+                self._samples = deque(maxlen=_MAX_SAMPLES)
+
+    def drain(self) -> list[float]:
+        """The durations observed since the last drain (none before ``keep_samples()``)."""
+        with self._lock:
+            samples = self._samples
+            if not samples:
+                return []
+            taken = list(samples)
+            samples.clear()
+            return taken
 
     def snapshot(self) -> tuple[list[int], float]:
         """The count in each bucket (not cumulative; the last is "+Inf") and the sum."""

@@ -3,9 +3,9 @@
 
 ``register()`` adds one collector to a registry (prometheus_client's default one
 unless given); each scrape reads every live router, so apps created later are covered
-too, each under its own ``app`` label. The values are this process's: prometheus_client's
-multiprocess mode does not carry a custom collector's values across worker processes
-(see the README's "Prometheus metrics").
+too, each under its own ``app`` label. The values are this process's; for
+prometheus_client's multiprocess mode (gunicorn's workers), see
+``prometheus_multiprocess``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .backends import Position
     from .router import Router
 
-__all__ = ["ReplicatedCollector", "register"]
+__all__ = ["ReplicatedCollector", "labelled", "register"]
 
 # Router.metrics() names counted as such, with their help text.
 _COUNTERS = (
@@ -126,8 +126,8 @@ class ReplicatedCollector(Collector):
             " write waited.",
             labels=labels,
         )
-        for app, router in _labelled(self._routers()):
-            base = [app, router.primary.name]
+        for (app, database), router in labelled(self._routers()):
+            base = [app, database]
             metrics = router.metrics()
             requests.add_metric(base, metrics.get("requests_total", 0))
             for name, count in metrics.items():
@@ -161,13 +161,15 @@ def register(registry: CollectorRegistry = REGISTRY) -> ReplicatedCollector:
     return collector
 
 
-def _labelled(routers: Iterable[Router]) -> Iterator[tuple[str, Router]]:
-    # Each app label once: a second app of the same name gets "-2", and so on.
+def labelled(routers: Iterable[Router]) -> Iterator[tuple[tuple[str, str], Router]]:
+    """Each router with its ``app`` and ``database`` labels: a second app of the same
+    name is "name-2", and so on, in the order given."""
     seen: Counter[str] = Counter()
     for router in routers:
         name = router.name or "app"
         seen[name] += 1
-        yield (name if seen[name] == 1 else f"{name}-{seen[name]}"), router
+        app = name if seen[name] == 1 else f"{name}-{seen[name]}"
+        yield (app, router.primary.name), router
 
 
 def _add_replicas(router: Router, base: list[str], gauges: dict[str, GaugeMetricFamily]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from replicated_core.counters import Counters
+from replicated_core.counters import Counters, Durations
 
 
 def test_counts_are_exact_across_threads_and_folds():
@@ -69,3 +69,19 @@ def test_a_snapshot_counts_every_event_added_before_it():
     finally:
         sys.setswitchinterval(switch)
     assert short == []
+
+
+def test_durations_keep_samples_for_a_drain_only_when_asked() -> None:
+    """Before keep_samples() nothing is kept (the histogram alone); after it, each
+    duration once, for the multiprocess mirror."""
+    durations = Durations((0.01, 0.1))
+    durations.observe(0.005)
+    assert durations.drain() == []
+    durations.keep_samples()
+    durations.observe(0.05)
+    durations.observe(2.0)
+    assert durations.drain() == [0.05, 2.0]
+    assert durations.drain() == []
+    counts, total = durations.snapshot()
+    assert counts == [1, 1, 1]
+    assert abs(total - 2.055) < 1e-9

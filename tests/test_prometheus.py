@@ -7,6 +7,9 @@ once, 'lagging' 500 ms late."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import contextlib
 import logging
 import os
 import signal
@@ -29,7 +32,12 @@ from support import (
     make_flask_app,
     make_quart_app,
 )
-from test_readme import PROMETHEUS_EXAMPLE, SNIPPETS
+from test_readme import (
+    MULTIPROCESS_EXAMPLE,
+    MULTIPROCESS_GUNICORN_CONF,
+    PROMETHEUS_EXAMPLE,
+    SNIPPETS,
+)
 
 from replicated_core.prometheus import ReplicatedCollector
 
@@ -246,27 +254,30 @@ def no_hit_table(pg_cluster: Any) -> Iterator[None]:
     pg_cluster.wait_for_replay(include_delayed=True)
 
 
-@pytest.fixture
-def metrics_server(pg_cluster: Any, no_hit_table: None, tmp_path: Path) -> Iterator[str]:
-    """gunicorn serving the README's /metrics example (one sync worker) on loopback,
-    with 'lagging' as its replica; its URL. Stopped, every process of it, at the end."""
-    (tmp_path / "metrics_app.py").write_text(SNIPPETS[PROMETHEUS_EXAMPLE].source)
-    env = {
+@contextlib.contextmanager
+def _gunicorn(
+    pg_cluster: Any, tmp_path: Path, workers: int, *, more: tuple[str, ...] = (), **env: str
+) -> Iterator[tuple[str, ServerProcess]]:
+    """gunicorn serving ``metrics_app:app`` from ``tmp_path`` (written by the caller)
+    on loopback, with 'lagging' as its replica; its URL and process, once /metrics
+    answers. Stopped, every process of it, at the end."""
+    environment = {
         **os.environ,
         "PRIMARY_URL": pg_cluster.primary.url("psycopg"),
         "REPLICA_URL": pg_cluster.replica("lagging").url("psycopg"),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+        **env,
     }
     with listening_socket(HOST) as sock:
         command = [
             *(sys.executable, "-m", "gunicorn", "--bind", f"fd://{sock.fileno()}"),
-            *("--workers", "1", "--timeout", "20", "metrics_app:app"),
+            *("--workers", str(workers), "--timeout", "20", *more, "metrics_app:app"),
         ]
         server = ServerProcess.start(
             "gunicorn",
             command,
             cwd=tmp_path,
-            env=env,
+            env=environment,
             log_path=tmp_path / "server.log",
             pass_fds=[sock.fileno()],
             redact=lambda text: text.replace(pg_cluster.password, "********"),
@@ -283,10 +294,18 @@ def metrics_server(pg_cluster: Any, no_hit_table: None, tmp_path: Path) -> Itera
                 pass
             assert time.monotonic() < deadline, server.log_tail()
             time.sleep(0.1)
-        yield url
+        yield url, server
         server.check_running()
     finally:
         server.stop(signal.SIGINT)
+
+
+@pytest.fixture
+def metrics_server(pg_cluster: Any, no_hit_table: None, tmp_path: Path) -> Iterator[str]:
+    """gunicorn serving the README's /metrics example (one sync worker); its URL."""
+    (tmp_path / "metrics_app.py").write_text(SNIPPETS[PROMETHEUS_EXAMPLE].source)
+    with _gunicorn(pg_cluster, tmp_path, 1) as (url, _):
+        yield url
 
 
 def test_a_real_server_scrape(pg_cluster: Any, metrics_server: str) -> None:
@@ -339,3 +358,117 @@ def test_a_real_server_scrape(pg_cluster: Any, metrics_server: str) -> None:
     assert {dict(k[1])["node"] for k in gauges} == {"slave"}
     rows = pg_cluster.execute(pg_cluster.primary, "SELECT count(*) FROM hit")
     assert [row[0] for row in rows] == [1]
+
+
+# -- several workers: prometheus_client's multiprocess mode ----------------------------
+
+WORKERS = 3
+READS = 60
+CLIENTS = 6
+
+
+def _served_by(log: str) -> collections.Counter[str]:
+    """The workers (pids) that answered GET /hits, from gunicorn's access log lines
+    ``pid=<pid> "<request line>"``."""
+    return collections.Counter(
+        line.split()[0].removeprefix("pid=").strip("<>")
+        for line in log.splitlines()
+        if line.startswith("pid=") and '"GET /hits ' in line
+    )
+
+
+def test_gunicorn_workers_merged_in_multiprocess_mode(
+    pg_cluster: Any, no_hit_table: None, tmp_path: Path
+) -> None:
+    """Three gunicorn workers serving the README's multiprocess example: whichever
+    worker answers a scrape, the counters are the sum over every worker, the replica's
+    gauges are there, and a writer's wait is in the histogram; a worker killed and
+    replaced keeps its counts in the sum. (Seen failing with the README's single-process
+    register() in the same app: each scrape showed one worker's reads.)"""
+    (tmp_path / "metrics_app.py").write_text(SNIPPETS[MULTIPROCESS_EXAMPLE].source)
+    (tmp_path / "gunicorn.conf.py").write_text(SNIPPETS[MULTIPROCESS_GUNICORN_CONF].source)
+    files = tmp_path / "prometheus"
+    files.mkdir()
+    log_format = ("--access-logfile", "-", "--access-logformat", 'pid=%(p)s "%(r)s"')
+    with _gunicorn(
+        pg_cluster,
+        tmp_path,
+        WORKERS,
+        more=("--config", "gunicorn.conf.py", *log_format),
+        PROMETHEUS_MULTIPROC_DIR=str(files),
+    ) as (url, server):
+        pg_cluster.wait_for_replay(include_delayed=True)  # the table the app created
+        db = {"database": "master"}
+        slave = {**db, "node": "slave"}
+
+        def scrape() -> dict[Key, float]:
+            response = httpx.get(f"{url}/metrics", timeout=10)
+            assert response.status_code == 200
+            return _samples(response.text, "metrics_app")
+
+        def read(_: int) -> int:
+            with httpx.Client(base_url=url, timeout=10) as client:
+                return client.get("/hits").status_code
+
+        with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+            assert set(pool.map(read, range(READS))) == {200}
+        with httpx.Client(base_url=url, timeout=10) as writer:
+            assert writer.post("/hits").status_code == 201
+            # 'lagging' replays 500 ms late: the 0.1 s wait ends, the primary serves it.
+            assert writer.get("/hits").text == "1"
+        served = _served_by(server.log())
+        assert sum(served.values()) == READS + 1
+        assert len(served) >= 2, served  # the reads spread over workers
+
+        def settled(expected: float) -> dict[Key, float]:
+            # Three scrapes in a row, by whichever workers take them, show the sum.
+            deadline = time.monotonic() + CHECK_TIMEOUT
+            agreeing = 0
+            while True:
+                samples = scrape()
+                total = samples.get(_key("replicated_requests_total", **db))
+                agreeing = agreeing + 1 if total == expected else 0
+                if agreeing == 3:
+                    return samples
+                assert time.monotonic() < deadline, (total, expected, served)
+                time.sleep(0.2)
+
+        after = settled(READS + 2)
+
+        def value(name: str, **more: str) -> float:
+            return after.get(_key(name, **db, **more), 0.0)
+
+        assert value("replicated_decisions_total", node="slave", reason="read") == READS
+        assert value("replicated_decisions_total", node="master", reason="write_method") == 1
+        behind = value("replicated_decisions_total", node="master", reason="sticky_replicas_behind")
+        assert behind == 1
+        assert value("replicated_writes_total") == 1
+        assert value("replicated_catch_up_timeouts_total") == 1
+        assert value("replicated_catch_up_wait_seconds_count") == 1
+        assert value("replicated_catch_up_wait_seconds_sum") >= 0.09
+        for gauge in ("up", "usable", "weight"):
+            assert after[_key(f"replicated_replica_{gauge}", **slave)] == 1.0, gauge
+        assert after[_key("replicated_replica_lag_seconds", **slave)] >= 0
+
+        # A worker that served reads is killed; gunicorn starts another, and its
+        # counts stay in the sum (its gauges leave with it: mark_process_dead).
+        victim = int(served.most_common(1)[0][0])
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + START_TIMEOUT
+        while any(p == f"gauge_livemax_{victim}.db" for p in os.listdir(files)):
+            assert time.monotonic() < deadline, os.listdir(files)
+            time.sleep(0.1)
+        again = settled(READS + 2)
+        assert (
+            again[_key("replicated_decisions_total", **db, node="master", reason="write_method")]
+            == 1
+        )
+
+
+def test_register_multiprocess_says_what_is_missing() -> None:
+    """This process imported prometheus_client without PROMETHEUS_MULTIPROC_DIR: the
+    mirror would write nowhere, so it refuses with a sentence naming the variable."""
+    from replicated_core.prometheus_multiprocess import register_multiprocess
+
+    with pytest.raises(RuntimeError, match="PROMETHEUS_MULTIPROC_DIR"):
+        register_multiprocess()

@@ -69,7 +69,10 @@ FLASK_QUICKSTART = ("Quickstart: Flask", 1)
 QUART_QUICKSTART = ("Quickstart: Quart", 1)
 QUART_CLI_COMMAND = ("Quickstart: Quart", 2)
 CELERY_JOBS = ("Read-your-writes for API clients and jobs", 1)
-PROMETHEUS_EXAMPLE = ("Prometheus metrics", 1)  # served by gunicorn in test_prometheus.py
+# Served by gunicorn in test_prometheus.py: one worker, then three in multiprocess mode.
+PROMETHEUS_EXAMPLE = ("Prometheus metrics", 1)
+MULTIPROCESS_EXAMPLE = ("Prometheus metrics", 2)
+MULTIPROCESS_GUNICORN_CONF = ("Prometheus metrics", 3)
 BALANCED_EXAMPLE = ("Replicas behind one address", 1)
 TESTED = {
     FLASK_QUICKSTART,
@@ -77,6 +80,8 @@ TESTED = {
     QUART_CLI_COMMAND,
     CELERY_JOBS,
     PROMETHEUS_EXAMPLE,
+    MULTIPROCESS_EXAMPLE,
+    MULTIPROCESS_GUNICORN_CONF,
     BALANCED_EXAMPLE,
 }
 

@@ -23,13 +23,15 @@ import pytest
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
+    from replicated_core.testing.hacluster import HaCluster
     from replicated_core.testing.haproxy import BalancedAddress
     from replicated_core.testing.pgcluster import PgCluster, PgNode, ReplicaSpec
 
     ClusterFactory = Callable[[Sequence[ReplicaSpec]], PgCluster]
     BalancerFactory = Callable[[Sequence[PgNode]], BalancedAddress]
+    HaClusterFactory = Callable[..., HaCluster]
 
-__all__ = ["haproxy_factory", "pg_cluster", "pg_cluster_factory"]
+__all__ = ["ha_cluster_factory", "haproxy_factory", "pg_cluster", "pg_cluster_factory"]
 
 REQUIRE_POSTGRES_ENV = "REPLICATED_REQUIRE_POSTGRES"
 
@@ -116,6 +118,51 @@ def pg_cluster(pg_cluster_factory: ClusterFactory) -> PgCluster:
     from replicated_core.testing.pgcluster import ReplicaSpec
 
     return pg_cluster_factory([ReplicaSpec("replica"), ReplicaSpec("lagging", apply_delay_ms=500)])
+
+
+def _ha_tools_or_skip() -> None:
+    _bindir_or_skip()
+    from replicated_core.testing.hacluster import find_patroni
+
+    missing = [tool for tool in ("etcd", "haproxy", "pgbouncer") if shutil.which(tool) is None]
+    if find_patroni() is None:
+        missing.append("patroni")
+    if not missing:
+        return
+    reason = (
+        f"The HA cluster fixtures need {', '.join(missing)}: './dev test' installs them"
+        " (Debian's etcd-server, haproxy, pgbouncer; Patroni into .venv-patroni)."
+    )
+    if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":
+        pytest.fail(f"{reason} {REQUIRE_POSTGRES_ENV}=1 is set, so this fails.", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def ha_cluster_factory() -> Iterator[HaClusterFactory]:
+    """Start Patroni-managed clusters on demand (``replicated_core.testing.hacluster``):
+    ``ha_cluster_factory(synchronous_mode=True, pgbouncer=True)``: etcd, three nodes,
+    HAProxy's write and read ports, and PgBouncer if asked. All are stopped and deleted
+    at the end of the session."""
+    _ha_tools_or_skip()
+    from replicated_core.testing.hacluster import HaCluster
+
+    root = Path(tempfile.mkdtemp(prefix="replicated-ha-"))
+    root.chmod(0o755)
+    clusters: list[HaCluster] = []
+    numbers = itertools.count()
+
+    def start(**options: bool) -> HaCluster:
+        cluster = HaCluster.start(root / f"ha{next(numbers)}", **options)
+        clusters.append(cluster)
+        return cluster
+
+    try:
+        yield start
+    finally:
+        for cluster in reversed(clusters):
+            cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

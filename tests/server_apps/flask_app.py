@@ -74,3 +74,11 @@ def read(item_id: int) -> Any:
     port, in_recovery = db.session.execute(sa.text(WHO_SQL)).one()
     body = {"id": item_id, "token": token, **served_by(port, in_recovery, reads.next())}
     return body, 200 if token is not None else 404
+
+
+@app.get("/write-in-get")
+def write_in_get() -> Any:
+    # A GET that writes: routed to a replica, the guard refuses it (tests/test_ha.py).
+    db.session.add(Item(token=request.args["token"]))
+    db.session.commit()
+    return {}, 201
