@@ -322,7 +322,9 @@ async def test_quart_without_the_setting_a_balanced_address_gives_stale_reads(
     assert stale > 0, served
 
 
-async def test_quart_cookieless_readers_use_both_servers(quart_factory: Any) -> None:
+async def test_quart_cookieless_readers_use_both_servers(
+    quart_factory: Any, reliability: Any
+) -> None:
     app = quart_factory(**BALANCED)
     client = app.test_client()
 
@@ -332,13 +334,14 @@ async def test_quart_cookieless_readers_use_both_servers(quart_factory: Any) -> 
     served = Counter(
         name for names in await asyncio.gather(*[reader() for _ in range(6)]) for name in names
     )
+    reliability("balanced address, Quart, cookie-less readers", dict(sorted(served.items())))
     assert served["primary"] == 0, served
     assert served["replica"] > 0, served
     assert served["lagging"] > 0, served
 
 
 async def test_quart_jobs_with_a_token_read_their_write_through_a_balanced_address(
-    quart_factory: Any,
+    quart_factory: Any, reliability: Any
 ) -> None:
     app = quart_factory(**BALANCED)
     served: Counter[str] = Counter()
@@ -354,6 +357,7 @@ async def test_quart_jobs_with_a_token_read_their_write_through_a_balanced_addre
             names = (await app.rep.session.scalars(sa.select(app.Item.name))).all()
             served[await app.who()] += 1
             stale += name not in names
+    reliability("balanced address, Quart jobs", _figures(served, stale, 30))
     assert stale == 0, served
     assert served["lagging"] == 0, served
     assert served["replica"] > 0, served
@@ -570,7 +574,8 @@ def test_servers_writers_read_their_writes_through_a_balanced_address(
     reliability(f"balanced address, {name}, {transport}", figures)
     assert len(outcomes) == CLIENTS * SERVER_PAIRS
     assert stale == 0, served
-    assert served["lagging"] == 0, served
+    # Not asserted: that 'lagging' served none. A GET queued for longer than its delay
+    # (500 ms) finds the write there too, which is no stale read.
     assert served["replica"] > 0, served
 
 
