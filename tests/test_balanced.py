@@ -262,7 +262,9 @@ def test_flask_jobs_with_a_token_read_their_write_through_a_balanced_address(
     reliability("balanced address, Flask jobs", _figures(served, stale, 30))
     assert stale == 0, served
     assert served["lagging"] == 0, served
-    assert served["replica"] > 0, served
+    # Not asserted: a replica share. One job at a time may get the same pooled
+    # connection every time, and so the same server: all replica, or all primary.
+    assert served["replica"] + served["primary"] == 30, served
 
 
 # -- Quart, test client -------------------------------------------------------------
@@ -360,7 +362,8 @@ async def test_quart_jobs_with_a_token_read_their_write_through_a_balanced_addre
     reliability("balanced address, Quart jobs", _figures(served, stale, 30))
     assert stale == 0, served
     assert served["lagging"] == 0, served
-    assert served["replica"] > 0, served
+    # Not asserted: a replica share (see the Flask test).
+    assert served["replica"] + served["primary"] == 30, served
 
 
 # -- the setting and the status command ------------------------------------------
