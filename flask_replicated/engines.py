@@ -1,5 +1,6 @@
-"""The engines a Flask app's router uses: made the way Flask-SQLAlchemy makes them,
-with ``SQLALCHEMY_ENGINE_OPTIONS``, and the default one routed."""
+"""The engines a Flask app's routers use: made the way Flask-SQLAlchemy makes them,
+with ``SQLALCHEMY_ENGINE_OPTIONS``, and the routed ones (the default, and each bind
+of ``REPLICATED_BIND_REPLICAS``) asking their routers."""
 
 from __future__ import annotations
 
@@ -10,32 +11,49 @@ from sqlalchemy.engine import URL, Engine
 
 from replicated_core.binds import is_shared_primary
 from replicated_core.config import DEFAULT_PRIMARY_BIND
+from replicated_core.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from flask import Flask
     from flask_sqlalchemy import SQLAlchemy
 
-    from replicated_core.config import ReplicatedConfig
+    from replicated_core.config import DiscoverySpec, ReplicatedConfig
+    from replicated_core.databases import Databases
     from replicated_core.router import Router
 
-__all__ = ["RoutedEngines", "install_routed_engines", "prepare_engines"]
+    EngineFactory = Callable[[str, URL], Engine]
+
+__all__ = ["RoutedEngines", "discovered_engines", "install_routed_engines", "prepare_engines"]
 
 
 class RoutedEngines(dict[str | None, Engine]):
-    """``db.engines`` for one app, whose default (``None``) key asks the router.
+    """``db.engines`` for one app, whose default (``None``) key asks the router, and
+    each routed bind key its database's router.
 
     Flask-SQLAlchemy documents that ``db.session``, ``db.engine`` and
     ``db.get_engine()`` all use ``db.engines[None]`` for models without a bind key,
-    so routing that one entry routes all of them. Other bind keys keep their engine.
+    and ``db.engines[key]`` for a model's ``__bind_key__``, so routing those entries
+    routes all of them. Bind keys that are not routed keep their engine.
     """
 
-    def __init__(self, engines: Mapping[str | None, Engine], router: Router) -> None:
+    def __init__(
+        self,
+        engines: Mapping[str | None, Engine],
+        router: Router,
+        routers: Mapping[str, Router] | None = None,
+    ) -> None:
         super().__init__(engines)
         self.router = router
+        self.routers = dict(routers or {})
 
     def __getitem__(self, key: str | None) -> Engine:
         if key is None:
             return self.router.node().engine
+        router = self.routers.get(key)
+        if router is not None:
+            return router.node().engine
         return dict.__getitem__(self, key)
 
 
@@ -67,7 +85,13 @@ def prepare_engines(
     engines = maker.engines
     default = engines.get(None)
     replica_engines: dict[str, Engine] = {}
-    if config.replicas:
+    for specs in config.bind_replicas.values():
+        for spec in specs:
+            replica_engines[spec.name] = maker.make(spec.name, spec.url, spec.options)
+    for key in config.bind_replicas:
+        if key in engines:  # else build_bind_nodes names the missing bind
+            maker.remake(key)
+    if config.replicas or config.discovery is not None:
         if default is not None:  # else build_nodes says what is missing
             for spec in config.replicas:
                 replica_engines[spec.name] = maker.make(spec.name, spec.url, spec.options)
@@ -90,9 +114,32 @@ def prepare_engines(
     return engines, replica_engines
 
 
-def install_routed_engines(db: SQLAlchemy, app: Flask, router: Router) -> None:
-    """Make the app's ``db.engines[None]`` (so ``db.session``, ``db.engine``) ask ``router``."""
-    db._app_engines[app] = RoutedEngines(db._app_engines[app], router)
+def discovered_engines(db: SQLAlchemy, app: Flask, spec: DiscoverySpec) -> EngineFactory:
+    """What makes the engine of each replica found through DNS: as the replicas given by
+    URL, with ``SQLALCHEMY_ENGINE_OPTIONS`` under the spec's ``engine_options``. One
+    engine is made (and disposed of) here, so that bad options fail at start-up."""
+    maker = _EngineMaker(db, app)
+    options = dict(spec.engine_options)
+    try:
+        maker.make(None, spec.url, options).dispose()
+    except Exception as error:
+        # The URL is left out of the message: it may hold a password.
+        raise ConfigError(
+            f"'REPLICATED_REPLICA_DISCOVERY' cannot make an engine ({type(error).__name__}): "
+            "check its 'url' and 'engine_options'."
+        ) from None
+
+    def make(name: str, url: URL) -> Engine:
+        return maker.make(name, url, options)
+
+    return make
+
+
+def install_routed_engines(db: SQLAlchemy, app: Flask, databases: Databases) -> None:
+    """Make the app's ``db.engines[None]`` (so ``db.session``, ``db.engine``) ask the
+    default database's router, and ``db.engines[key]`` of each routed bind its own."""
+    routers = {key: router for key, router in databases.routers.items() if key is not None}
+    db._app_engines[app] = RoutedEngines(db._app_engines[app], databases.default, routers)
 
 
 class _EngineMaker:

@@ -13,16 +13,17 @@ from replicated_core.config import DEFAULT_PRIMARY_BIND
 from replicated_core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from replicated_core.config import ReplicatedConfig
+    from replicated_core.config import DiscoverySpec, ReplicatedConfig
 
-__all__ = ["create_engines"]
+__all__ = ["create_discovered_engine", "create_engines"]
 
 
 def create_engines(
     config: Mapping[str, Any], engine_options: Mapping[str, Any], replicated: ReplicatedConfig
 ) -> tuple[dict[str | None, AsyncEngine], dict[str, AsyncEngine]]:
     """One AsyncEngine for ``SQLALCHEMY_DATABASE_URI`` (key None) and one per bind,
-    and one per replica of ``REPLICATED_REPLICAS`` (by replica name).
+    and one per replica of ``REPLICATED_REPLICAS`` and ``REPLICATED_BIND_REPLICAS``
+    (by replica name).
 
     Binds are URLs, or dicts with a ``"url"`` key and engine options, as in
     Flask-SQLAlchemy. ``SQLALCHEMY_ENGINE_OPTIONS`` and ``engine_options`` apply
@@ -45,6 +46,7 @@ def create_engines(
     primary_bind = replicated.primary_bind or DEFAULT_PRIMARY_BIND
     shared_primary = (
         not replicated.replicas
+        and replicated.discovery is None
         and uri is not None
         and primary_bind in binds
         and _is_shared_primary(uri, _url_of(binds[primary_bind]))
@@ -63,11 +65,26 @@ def create_engines(
         for replica in replicated.replicas:
             spec = {**replica.options, "url": replica.url}
             replicas[replica.name] = _create(f"REPLICATED_REPLICAS['{replica.name}']", spec, shared)
+        for bind_key, bind_specs in replicated.bind_replicas.items():
+            for bind_replica in bind_specs:
+                spec = {**bind_replica.options, "url": bind_replica.url}
+                where = f"REPLICATED_BIND_REPLICAS['{bind_key}']['{bind_replica.name}']"
+                replicas[bind_replica.name] = _create(where, spec, shared)
     except ConfigError:
         for engine in (*engines.values(), *replicas.values()):
             engine.sync_engine.dispose()
         raise
     return engines, replicas
+
+
+def create_discovered_engine(
+    config: Mapping[str, Any], engine_options: Mapping[str, Any], spec: DiscoverySpec, url: URL
+) -> AsyncEngine:
+    """The AsyncEngine of a replica found through DNS at ``url``: the options of every
+    engine (``SQLALCHEMY_ENGINE_OPTIONS``, ``engine_options``) under the spec's own."""
+    shared = {**config.get("SQLALCHEMY_ENGINE_OPTIONS", {}), **engine_options}
+    own = {**spec.engine_options, "url": url}
+    return _create("REPLICATED_REPLICA_DISCOVERY", own, shared)
 
 
 def _url_of(spec: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
@@ -21,14 +21,17 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from replicated_core.backends import ReplicaProbe, backend_for
-from replicated_core.binds import build_nodes
+from replicated_core.binds import build_bind_nodes, build_nodes
 from replicated_core.config import DEFAULTS, load_config, options_to_settings
 from replicated_core.cookie import find_cookie
+from replicated_core.databases import Databases
+from replicated_core.discovery import Discovery, require_dnspython
 from replicated_core.failover import lost_connection, with_failover
 from replicated_core.prober import TaskProber
 from replicated_core.router import Router
 from replicated_core.session import RoutingSession
 from replicated_core.status import (
+    AppStatus,
     ClusterStatus,
     build_status,
     reported_by_the_table,
@@ -36,12 +39,18 @@ from replicated_core.status import (
 )
 from replicated_core.sticky import StickyCodec, token_salt
 
-from .engines import create_engines
+from .engines import create_discovered_engine, create_engines
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from sqlalchemy.engine import URL, Engine
     from sqlalchemy.orm import Session
 
+    from replicated_core.backends import Position
+    from replicated_core.config import DiscoverySpec
     from replicated_core.nodes import Node
+    from replicated_core.rules import RequestFacts
 
 __all__ = ["QuartReplicated"]
 
@@ -52,11 +61,18 @@ _SESSION_KEY = "_replicated_session"
 
 @dataclass(slots=True)
 class _AppState:
-    router: Router
+    databases: Databases
     engines: dict[str | None, AsyncEngine]
     by_node: dict[str, AsyncEngine]
     sessions: async_sessionmaker[AsyncSession]
     prober: TaskProber | None = None
+    # Each database's prober, by router (the default's is ``prober`` too).
+    probers: dict[Router, TaskProber] = field(default_factory=dict)
+
+    @property
+    def router(self) -> Router:
+        """The default database's router."""
+        return self.databases.default
 
     async def first_row(self, node: Node, sql: str) -> tuple[object, ...] | None:
         """The first row of ``sql`` on ``node`` (a catch-up wait), in autocommit."""
@@ -64,6 +80,34 @@ class _AppState:
             auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
             row = (await auto.execute(text(sql))).first()
         return None if row is None else tuple(row)
+
+    def discovered_engine(
+        self, config: Mapping[str, Any], engine_options: Mapping[str, Any], spec: DiscoverySpec
+    ) -> Callable[[str, URL], Engine]:
+        """What makes the engine of each replica found through DNS (the sync engine of an
+        AsyncEngine, which ``by_node`` then holds)."""
+
+        def make(name: str, url: URL) -> Engine:
+            engine = create_discovered_engine(config, engine_options, spec, url)
+            self.by_node = {**self.by_node, name: engine}  # a new dict: requests read it
+            return engine.sync_engine
+
+        return make
+
+    async def dispose_replica(self, node: Node) -> None:
+        """Close the connections of a replica that left DNS, once they are all back."""
+        engine = self.by_node.get(node.name)
+        if engine is not None:
+            await engine.dispose()  # still in by_node if cancelled: dispose() closes it
+        self.by_node = {name: e for name, e in self.by_node.items() if name != node.name}
+
+    async def primary_position(self, router: Router) -> Position | None:
+        """The current position of ``router``'s primary (one round trip)."""
+        backend = router.backend
+        async with self.by_node[router.primary.name].connect() as conn:
+            return await conn.run_sync(
+                lambda sync: backend.read_primary_position(sync.connection.dbapi_connection)
+            )
 
     async def probe_replica(self, node: Node) -> ReplicaProbe:
         """Read a replica's replay position and lag: one round trip on a pooled
@@ -122,49 +166,79 @@ class QuartReplicated:
         for key, value in {**DEFAULTS, **self._settings}.items():
             app.config.setdefault(key, value)
         config = load_config(app.config)
+        if config.discovery is not None:
+            require_dnspython()
+            # Made (and disposed of) once here, so that bad options fail at start-up.
+            spec = config.discovery
+            create_discovered_engine(
+                app.config, self._engine_options, spec, spec.url
+            ).sync_engine.dispose()
         engines, replica_engines = create_engines(app.config, self._engine_options, config)
         default = engines.get(None)
         binds = {key: e.sync_engine for key, e in engines.items() if key is not None}
+        sync_replicas = {name: e.sync_engine for name, e in replica_engines.items()}
         try:
             primary, replicas = build_nodes(
-                config,
-                binds,
-                default.sync_engine if default is not None else None,
-                {name: e.sync_engine for name, e in replica_engines.items()},
+                config, binds, default.sync_engine if default is not None else None, sync_replicas
             )
+            nodes: dict[str | None, tuple[Node, list[Node]]] = {None: (primary, replicas)}
+            nodes.update(build_bind_nodes(config, binds, primary, sync_replicas))
         except Exception:
             for engine in (*engines.values(), *replica_engines.values()):
                 engine.sync_engine.dispose()
             raise
-        codec = (
-            StickyCodec(
+
+        def codec() -> StickyCodec | None:
+            if not app.secret_key:
+                return None
+            return StickyCodec(
                 app.secret_key,
                 salt=token_salt(config.cookie_name),
                 fallbacks=app.config.get("SECRET_KEY_FALLBACKS"),
             )
-            if app.secret_key
-            else None
-        )
-        router = Router(config, primary, replicas, codec, name=app.name)
+
+        databases = Databases.build(config, nodes, codec, name=app.name)
+        router = databases.default
         by_sync = {id(e.sync_engine): e for e in (*engines.values(), *replica_engines.values())}
-        by_node = {n.name: by_sync[id(n.engine)] for n in (primary, *replicas)}
-        other = {k: e for k, e in binds.items() if k not in by_node}
+        by_node = {
+            n.name: by_sync[id(n.engine)]
+            for each in databases
+            for n in (each.primary, *each.replicas)
+        }
+        routed = {key: each for key, each in databases.routers.items() if key is not None}
+        other = {k: e for k, e in binds.items() if k not in by_node and k not in routed}
         session_class = with_failover(RoutingSession, _router_of_session)
-        if router.balanced is not None:
-            # Sticky reads on a replica behind one address: checked on the connection
-            # the session begins its transaction on.
-            router.balanced.listen(session_class)
+        for each in databases:
+            if each.balanced is not None:
+                # Sticky reads on a replica behind one address: checked on the
+                # connection the session begins its transaction on.
+                each.balanced.listen(session_class)
         sessions = async_sessionmaker(
             sync_session_class=session_class,
             router=router,
             bind_engines=other,
+            routers=routed,
             **self._session_options,
         )
-        state = _AppState(router, engines, by_node, sessions)
-        if router.health.probing:
-            state.prober = router.prober = TaskProber(router.health, state.probe_replica)
-        if router.catch_up is not None:
-            router.catch_up.run_async = state.first_row
+        state = _AppState(databases, engines, by_node, sessions)
+        for each in databases:
+            if each.health.probing:
+                state.probers[each] = each.prober = TaskProber(each.health, state.probe_replica)
+            if each.catch_up is not None:
+                each.catch_up.run_async = state.first_row
+        state.prober = state.probers.get(router)
+        if config.discovery is not None:
+            # The default database's replicas (the only ones DNS can give).
+            discovery = Discovery(
+                config.discovery,
+                router,
+                state.discovered_engine(app.config, self._engine_options, config.discovery),
+                dispose_async=state.dispose_replica,
+            )
+            router.discovery = discovery
+            if state.prober is not None:
+                state.prober.discovery = discovery
+            discovery.refresh()  # the first requests find the replicas there now
         self._apps[app] = state
         app.extensions["replicated"] = self
         _hook(app, state)
@@ -203,9 +277,14 @@ class QuartReplicated:
         """Every AsyncEngine of the current app by bind key (None: the default URI)."""
         return dict(self._state().engines)
 
-    def router(self, app: Quart | None = None) -> Router:
-        """The router of ``app`` (default: the current app)."""
-        return self._state(app).router
+    def router(self, app: Quart | None = None, *, bind_key: str | None = None) -> Router:
+        """The router of ``app`` (default: the current app) for the database of
+        ``bind_key`` (default: the default database)."""
+        return self._state(app).databases.router(bind_key)
+
+    def databases(self, app: Quart | None = None) -> Databases:
+        """Every routed database of ``app`` (default: the current app)."""
+        return self._state(app).databases
 
     def counters(self, app: Quart | None = None) -> dict[str, int]:
         """Per-process counters of ``app`` (default: the current app), by name."""
@@ -216,30 +295,45 @@ class QuartReplicated:
         ``use_replica(after=token)``: inside a request that wrote, its writes; otherwise
         the primary's current position, read on a pooled connection (one round trip).
         Where positions cannot be read (SQLite), a token that keeps its holder on the
-        primary for the sticky time. Needs SECRET_KEY."""
-        state = self._state(app)
-        router = state.router
-        scope = router.requests.scope()
-        position = scope.position if scope is not None else None
-        if position is None and router.backend.has_positions:
-            backend = router.backend
-            async with state.by_node[router.primary.name].connect() as conn:
-                position = await conn.run_sync(
-                    lambda sync: backend.read_primary_position(sync.connection.dbapi_connection)
-                )
-        return router.token_for(position)
+        primary for the sticky time. Needs SECRET_KEY.
 
-    async def status(self, app: Quart | None = None) -> ClusterStatus:
-        """Ask every node how it is (one query each); what ``quart replicated status`` shows."""
+        With several databases: the positions of the databases this request wrote,
+        or else of every database's primary (one round trip each)."""
         state = self._state(app)
+        databases = state.databases
+        if not databases.several:
+            router = state.router
+            scope = router.requests.scope()
+            position = scope.position if scope is not None else None
+            if position is None and router.backend.has_positions:
+                position = await state.primary_position(router)
+            return router.token_for(position)
+        positions: dict[Router, Position | None] = {}
+        for each in databases:
+            scope = each.requests.scope()
+            if scope is not None and scope.position is not None:
+                positions[each] = scope.position
+        if not positions:
+            for each in databases:
+                has = each.backend.has_positions
+                positions[each] = await state.primary_position(each) if has else None
+        return databases.token_for(positions)
+
+    async def status(
+        self, app: Quart | None = None, *, bind_key: str | None = None
+    ) -> ClusterStatus:
+        """Ask every node of a database (default: the default database) how it is (one
+        query each); what ``quart replicated status`` shows for it."""
+        state = self._state(app)
+        router = state.databases.router(bind_key)
         results: dict[str, tuple[object, ...] | BaseException] = {}
-        for name, sql in status_queries(state.router).items():
+        for name, sql in status_queries(router).items():
             try:
                 async with state.by_node[name].connect() as conn:
                     results[name] = tuple((await conn.execute(text(sql))).one())
             except Exception as error:
                 results[name] = error
-        return build_status(state.router, results)
+        return build_status(router, results)
 
     def _cli(self) -> click.Group:
         group = click.Group("replicated", help="Primary/replica routing tools.")
@@ -252,11 +346,16 @@ class QuartReplicated:
             primary is unreachable or no replica is usable."""
             app = ctx.ensure_object(ScriptInfo).load_app()
 
-            async def run() -> ClusterStatus:
+            async def run() -> ClusterStatus | AppStatus:
+                databases = self.databases(app)
                 try:
-                    return await self.status(app)
+                    reports = [
+                        (databases.label(each), await self.status(app, bind_key=key))
+                        for key, each in databases.routers.items()
+                    ]
                 finally:
                     await self.dispose(app)
+                return reports[0][1] if len(reports) == 1 else AppStatus(tuple(reports))
 
             with reported_by_the_table():
                 report = asyncio.run(run())
@@ -281,8 +380,8 @@ class QuartReplicated:
         position prober first (the next request starts it again).
         """
         state = self._state(app)
-        if state.prober is not None:
-            await state.prober.stop()
+        for prober in state.probers.values():
+            await prober.stop()
         engines = (*state.engines.values(), *state.by_node.values())
         for engine in {id(e): e for e in engines}.values():
             await engine.dispose()
@@ -297,6 +396,9 @@ class QuartReplicated:
 
 def _hook(app: Quart, state: _AppState) -> None:
     """Connect the per-request hooks of ``app``."""
+    if state.databases.several:
+        _hook_several(app, state)
+        return
     router = state.router
     requests = router.requests
     cookie_name = router.config.cookie_name
@@ -352,6 +454,83 @@ def _hook(app: Quart, state: _AppState) -> None:
 
     async def tearing_down(sender: Quart, **extra: Any) -> None:
         requests.end()
+
+    request_started.connect(request_started_, app, weak=False)
+    websocket_started.connect(websocket_started_, app, weak=False)
+    app.after_request(after_request)
+    request_tearing_down.connect(tearing_down, app, weak=False)
+    websocket_tearing_down.connect(tearing_down, app, weak=False)
+
+
+def _hook_several(app: Quart, state: _AppState) -> None:
+    """``_hook`` for an app with several routed databases: a scope for each, all
+    decided as the request starts, and one cookie for all."""
+    databases = state.databases
+    default = databases.default
+    config = default.config
+    cookie_name = config.cookie_name
+    debug_header = config.debug_header
+    token_header = config.token_header
+    each = [(router.requests, state.probers.get(router)) for router in databases]
+
+    async def begin(facts: RequestFacts, cookie: str | None, token: str | None) -> None:
+        for requests, prober in each:
+            if prober is not None and requests.needs_positions(facts):
+                await prober.ensure()
+        if cookie is not None or token is not None:
+            # Each database's short wait for a replica, at once: at most one timeout.
+            await asyncio.gather(
+                *(requests.wait_for_replica(facts, cookie, token) for requests, _ in each)
+            )
+        for requests, _ in each:
+            requests.begin(facts, cookie, token)
+
+    async def request_started_(sender: Quart, **extra: Any) -> None:
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        endpoint = req.endpoint
+        view = sender.view_functions.get(endpoint) if endpoint is not None else None
+        facts = default.requests.facts(req.method, endpoint, view)
+        headers = req.headers
+        cookie = _sticky_cookie(headers.getlist("Cookie"), cookie_name)
+        token = headers.get(token_header) if token_header is not None else None
+        await begin(facts, cookie, token)
+
+    async def websocket_started_(sender: Quart, **extra: Any) -> None:
+        endpoint = websocket.endpoint
+        view = sender.view_functions.get(endpoint) if endpoint is not None else None
+        facts = default.requests.facts("WEBSOCKET", endpoint, view, websocket=True)
+        headers = websocket.headers
+        cookie = _sticky_cookie(headers.getlist("Cookie"), cookie_name)
+        token = headers.get(token_header) if token_header is not None else None
+        await begin(facts, cookie, token)
+
+    async def after_request(response: Response) -> Response:
+        found = databases.current_scopes()
+        scopes = [scope for scope in found if scope is not None]
+        if len(scopes) != len(found):
+            return response
+        # The last moment a write can still set the cookie.
+        for scope in scopes:
+            scope.answered = True
+        if debug_header is not None:
+            response.headers[debug_header] = databases.describe(scopes)
+        if databases.touched(scopes):
+            headers = request.headers
+            cookie = _sticky_cookie(headers.getlist("Cookie"), cookie_name)
+            token = headers.get(token_header) if token_header is not None else None
+            path = current_app.config["APPLICATION_ROOT"] or "/"
+            update = databases.cookie_update(
+                scopes, cookie, token, secure=request.is_secure, path=path
+            )
+            if update is not None:
+                update.apply(response)
+                if token_header is not None and update.value is not None:
+                    response.headers[token_header] = update.value
+        return response
+
+    async def tearing_down(sender: Quart, **extra: Any) -> None:
+        for requests, _ in reversed(each):
+            requests.end()
 
     request_started.connect(request_started_, app, weak=False)
     websocket_started.connect(websocket_started_, app, weak=False)

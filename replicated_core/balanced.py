@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 
 from .health import describe_error
-from .intent import Intent, override_var, scope_var
+from .intent import Intent, override_var
 from .rules import Decision, Reason
 
 if TYPE_CHECKING:
@@ -157,14 +157,15 @@ class Balanced:
         # else the request's sticky token. None: not a sticky read there.
         router = self._router
         override = override_var.get()
-        if override is not None and override.node is node and override.after is not None:
-            codec = router.codec
-            token = None if codec is None else codec.loads(override.after, math.inf)
-            return None if token is None else token.lsn
-        if override is not None and override.intent is Intent.PRIMARY:
-            return None
-        scope = scope_var.get()
-        if scope is None or scope.owner is not router or scope.closed:
+        if override is not None:
+            if override.intent is Intent.PRIMARY:
+                return None
+            if override.after is not None and router._block_node(override) is node:
+                codec = router.codec
+                token = None if codec is None else codec.loads(override.after, math.inf)
+                return None if token is None else token.lsn
+        scope = router.requests.scope()
+        if scope is None:
             return None
         decision = scope.settled_decision
         sticky = scope.sticky
@@ -175,8 +176,8 @@ class Balanced:
     def _to_primary(self, node: Node) -> None:
         router = self._router
         override = override_var.get()
-        if override is not None and override.node is node:
-            override.node = router.primary
+        if override is not None and router._block_node(override) is node:
+            router._keep_pick(override, router.primary)
         scope = router.requests.scope()
         decision = scope.settled_decision if scope is not None else None
         if scope is not None and decision is not None and decision.node is node:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_PRIMARY_NAME",
+    "build_bind_nodes",
     "build_nodes",
     "is_read_only_sqlite",
     "is_shared_primary",
@@ -48,7 +49,7 @@ def build_nodes(
     With ``REPLICATED_REPLICAS`` the primary is the default URI and the replicas are
     ``replica_engines``, by replica name.
     """
-    if config.replicas:
+    if config.replicas or config.discovery is not None:
         return _nodes_from_urls(config, default, replica_engines or {})
     key = "REPLICATED_PRIMARY_BIND"
     name = config.primary_bind or DEFAULT_PRIMARY_BIND
@@ -89,12 +90,63 @@ def build_nodes(
     return primary, replicas
 
 
+def build_bind_nodes(
+    config: ReplicatedConfig,
+    binds: Mapping[str, Engine],
+    default_primary: Node,
+    replica_engines: Mapping[str, Engine],
+) -> dict[str, tuple[Node, list[Node]]]:
+    """The primary and replica nodes of each further database of
+    ``REPLICATED_BIND_REPLICAS``, by bind key, or a ``ConfigError`` naming the key.
+
+    A database's primary is its bind's engine in ``binds`` (named by its bind key);
+    its replicas are ``replica_engines``, by replica name. ``default_primary`` is the
+    default database's, which no other database may be.
+    """
+    key = "REPLICATED_BIND_REPLICAS"
+    found: dict[str, tuple[Node, list[Node]]] = {}
+    primaries = [default_primary]
+    for bind_key, specs in config.bind_replicas.items():
+        if bind_key not in binds:
+            raise ConfigError(
+                f"'{key}' gives replicas to the bind '{bind_key}', which is not in "
+                "SQLALCHEMY_BINDS. Add it there (its URL is that database's primary), or fix "
+                "the name."
+            )
+        primary = Node(bind_key, Role.PRIMARY, binds[bind_key])
+        for other in primaries:
+            if same_database(other.engine.url, primary.engine.url):
+                which = (
+                    "the default database's primary"
+                    if other is default_primary
+                    else f"the primary of the bind '{other.name}'"
+                )
+                raise ConfigError(
+                    f"'{key}' gives replicas to the bind '{bind_key}', whose URL is {which}. "
+                    "Each routed database needs a primary of its own: fix its URL in "
+                    "SQLALCHEMY_BINDS, or give its replicas once."
+                )
+        primaries.append(primary)
+        replicas = []
+        for spec in specs:
+            engine = replica_engines[spec.name]
+            if _is_primary(engine.url, primary.engine.url):
+                raise ConfigError(
+                    f"'{key}['{bind_key}']' names the replica '{spec.name}', whose URL is the "
+                    "primary's. Point it at a replica server, or remove it."
+                )
+            replicas.append(Node(spec.name, Role.REPLICA, engine))
+        found[bind_key] = (primary, replicas)
+    return found
+
+
 def _nodes_from_urls(
     config: ReplicatedConfig, default: Engine | None, engines: Mapping[str, Engine]
 ) -> tuple[Node, list[Node]]:
     if default is None:
+        key = "REPLICATED_REPLICAS" if config.replicas else "REPLICATED_REPLICA_DISCOVERY"
         raise ConfigError(
-            "'REPLICATED_REPLICAS' gives replicas of SQLALCHEMY_DATABASE_URI, which is not "
+            f"'{key}' gives replicas of SQLALCHEMY_DATABASE_URI, which is not "
             "set. Set it to the primary's URL."
         )
     primary = Node(DEFAULT_PRIMARY_NAME, Role.PRIMARY, default)

@@ -183,9 +183,9 @@ class CatchUp:
     ) -> tuple[_Flight | None, bool]:
         # A flight out on the node that covers the position to join, or a new one
         # (True: the caller runs it). None: the replica is known to have it already.
-        state = self.health.states[node.name]
+        state = self.health.states.get(node.name)  # None: it left DNS meanwhile
         with self._lock:
-            probe = state.probe
+            probe = state.probe if state is not None else None
             if probe is not None and _reached(probe.replay_lsn, position):
                 self.counters.add_event(_WAITS)
                 return None, False

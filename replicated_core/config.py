@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -12,7 +13,15 @@ from sqlalchemy.engine import URL, make_url
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULTS", "ReplicaURL", "ReplicatedConfig", "StickyMode", "load_config"]
+__all__ = [
+    "DEFAULTS",
+    "DiscoverySpec",
+    "RecordType",
+    "ReplicaURL",
+    "ReplicatedConfig",
+    "StickyMode",
+    "load_config",
+]
 
 PREFIX = "REPLICATED_"
 
@@ -61,6 +70,8 @@ DEFAULTS: Mapping[str, object] = {
     "REPLICATED_REPLICA_WEIGHTS": None,
     "REPLICATED_PREFER_LEAST_LAG": False,
     "REPLICATED_BALANCED_REPLICAS": None,
+    "REPLICATED_REPLICA_DISCOVERY": None,
+    "REPLICATED_BIND_REPLICAS": None,
 }
 
 # RFC 6265 cookie-name token: visible ASCII except separators.
@@ -75,6 +86,36 @@ class ReplicaURL:
     name: str
     url: URL
     options: Mapping[str, object] = field(default_factory=dict)
+
+
+class RecordType(enum.Enum):
+    """The DNS records that list discovered replicas."""
+
+    A = "A"  # one address per record; the port is the URL's
+    SRV = "SRV"  # a host and a port per record
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverySpec:
+    """``REPLICATED_REPLICA_DISCOVERY``: replicas found by resolving the URL's host.
+
+    ``nameservers`` are (address, port) pairs; empty: the system's resolver settings.
+    ``timeout`` bounds one resolution; a replica gone from DNS is disposed of once its
+    connections are back in its pool, or after ``drain_timeout``.
+    """
+
+    url: URL
+    record: RecordType = RecordType.A
+    interval: float = 30.0
+    nameservers: tuple[tuple[str, int], ...] = ()
+    timeout: float = 2.0
+    drain_timeout: float = 60.0
+    engine_options: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The DNS name looked up (the URL's host)."""
+        return self.url.host or ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +153,11 @@ class ReplicatedConfig:
     # The replicas that are one address in front of several servers (a load balancer):
     # a sticky read checks the client's position on the connection it reads on.
     balanced_replicas: frozenset[str] = frozenset()
+    # Replicas found through DNS, besides ``replicas``; None: none.
+    discovery: DiscoverySpec | None = None
+    # The replicas of each further database, by its bind key in SQLALCHEMY_BINDS
+    # (whose URL is that database's primary); replica names are unique in the app.
+    bind_replicas: Mapping[str, tuple[ReplicaURL, ...]] = field(default_factory=dict)
 
     def replica_weight(self, name: str) -> float:
         """The weight of the replica called ``name`` (1 unless configured)."""
@@ -139,14 +185,16 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
     sticky_mode = _enum("REPLICATED_STICKY_MODE", value, StickyMode)
     sticky_seconds = value["REPLICATED_STICKY_SECONDS"]
     replicas = _replicas(value["REPLICATED_REPLICAS"])
+    discovery = _discovery(value["REPLICATED_REPLICA_DISCOVERY"])
     primary_bind: str | None = None
     replica_binds: tuple[str, ...] = ()
-    if replicas:
+    if replicas or discovery is not None:
+        by_url = "REPLICATED_REPLICAS" if replicas else "REPLICATED_REPLICA_DISCOVERY"
         for key in ("REPLICATED_REPLICA_BINDS", "REPLICATED_PRIMARY_BIND"):
             if value[key] is not None:
                 raise ConfigError(
-                    f"'REPLICATED_REPLICAS' and '{key}' are both set. Give the replicas one "
-                    "way: by URL in 'REPLICATED_REPLICAS' (the primary is then "
+                    f"'{by_url}' and '{key}' are both set. Give the replicas one "
+                    f"way: by URL in '{by_url}' (the primary is then "
                     "SQLALCHEMY_DATABASE_URI), or as binds named in 'REPLICATED_REPLICA_BINDS'."
                 )
     else:
@@ -159,6 +207,10 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
             "REPLICATED_REPLICA_BINDS",
             DEFAULT_REPLICA_BINDS if raw_replicas is None else raw_replicas,
         )
+    bind_replicas = _bind_replicas(
+        value["REPLICATED_BIND_REPLICAS"],
+        [spec.name for spec in replicas] if replicas else [primary_bind or "", *replica_binds],
+    )
     for header in ("REPLICATED_DEBUG_HEADER", "REPLICATED_TOKEN_HEADER"):
         if value[header] is not None:
             _token(header, value[header])
@@ -197,11 +249,15 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
         replica_weights=_weights(
             value["REPLICATED_REPLICA_WEIGHTS"],
             [spec.name for spec in replicas] if replicas else list(replica_binds),
+            {key: [spec.name for spec in specs] for key, specs in bind_replicas.items()},
         ),
         prefer_least_lag=_bool("REPLICATED_PREFER_LEAST_LAG", value),
+        discovery=discovery,
+        bind_replicas=bind_replicas,
         balanced_replicas=_balanced(
             value["REPLICATED_BALANCED_REPLICAS"],
             [spec.name for spec in replicas] if replicas else list(replica_binds),
+            [spec.name for specs in bind_replicas.values() for spec in specs],
         ),
     )
 
@@ -253,8 +309,7 @@ def _looks_like_url(value: object) -> bool:
     return isinstance(value, URL) or (isinstance(value, str) and "://" in value)
 
 
-def _replicas(value: object) -> tuple[ReplicaURL, ...]:
-    key = "REPLICATED_REPLICAS"
+def _replicas(value: object, key: str = "REPLICATED_REPLICAS") -> tuple[ReplicaURL, ...]:
     if value is None:
         return ()
     if not isinstance(value, Mapping):
@@ -298,6 +353,140 @@ def _replicas(value: object) -> tuple[ReplicaURL, ...]:
             ) from None
         replicas.append(ReplicaURL(name, url, options))
     return tuple(replicas)
+
+
+_DISCOVERY_KEYS = (
+    "url",
+    "record",
+    "interval",
+    "nameservers",
+    "timeout",
+    "drain_timeout",
+    "engine_options",
+)
+
+
+def _discovery(value: object) -> DiscoverySpec | None:
+    key = "REPLICATED_REPLICA_DISCOVERY"
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"'{key}' must be a dict such as {{'url': "
+            f"'postgresql://app@replicas.db.internal/app', 'interval': 30}}, got "
+            f"{_shown(value)}."
+        )
+    unknown = sorted(str(k) for k in value if k not in _DISCOVERY_KEYS)
+    if unknown:
+        known = ", ".join(repr(k) for k in _DISCOVERY_KEYS)
+        raise ConfigError(
+            f"'{key}' has an unknown key {_shown(unknown[0])}. Its keys are: {known} "
+            "(engine options go in 'engine_options')."
+        )
+    raw = value.get("url")
+    if not isinstance(raw, str | URL) or not raw:
+        raise ConfigError(
+            f"'{key}['url']' must be a database URL whose host is the DNS name to resolve."
+        )
+    try:
+        url = make_url(raw)
+    except Exception as error:
+        raise ConfigError(
+            f"'{key}['url']' is not a database URL ({type(error).__name__}). Write it as "
+            "SQLALCHEMY_DATABASE_URI is written, with the DNS name to resolve as its host."
+        ) from None
+    if not url.host:
+        raise ConfigError(
+            f"'{key}['url']' must be a database server's URL whose host is the DNS name to "
+            f"resolve, got {_shown(url)}."
+        )
+    record = value.get("record", "A")
+    if record not in [r.value for r in RecordType]:
+        choices = ", ".join(repr(r.value) for r in RecordType)
+        raise ConfigError(f"'{key}['record']' must be one of {choices}, got {_shown(record)}.")
+    options = value.get("engine_options", {})
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise ConfigError(
+            f"'{key}['engine_options']' must be a dict of engine options, such as "
+            f"{{'pool_size': 10}}, got {_shown(options)}."
+        )
+    return DiscoverySpec(
+        url=url,
+        record=RecordType(record),
+        interval=_seconds(f"{key}['interval']", value.get("interval", 30.0)),
+        nameservers=_nameservers(f"{key}['nameservers']", value.get("nameservers", ())),
+        timeout=_seconds(f"{key}['timeout']", value.get("timeout", 2.0)),
+        drain_timeout=_seconds(
+            f"{key}['drain_timeout']", value.get("drain_timeout", 60.0), zero=True
+        ),
+        engine_options=dict(options),
+    )
+
+
+def _nameservers(key: str, value: object) -> tuple[tuple[str, int], ...]:
+    # "10.0.0.2", "10.0.0.2:5353", "[fd00::53]:5353": an IP address, and a port.
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise ConfigError(f"'{key}' must be a list such as ['10.0.0.2', '127.0.0.1:5353'].")
+    found = []
+    for item in value:
+        host, port = (item, "53") if isinstance(item, str) else ("", "")
+        if isinstance(item, str) and item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest.removeprefix(":") or "53"
+        elif isinstance(item, str) and item.count(":") == 1:
+            host, port = item.split(":")
+        try:
+            ipaddress.ip_address(host)
+            number = int(port)
+        except ValueError:
+            number = 0
+        if not 0 < number < 65536:
+            raise ConfigError(
+                f"'{key}' must hold IP addresses with an optional port, such as "
+                f"'127.0.0.1:5353', got {_shown(item)}."
+            )
+        found.append((host, number))
+    return tuple(found)
+
+
+def _bind_replicas(value: object, taken: list[str]) -> dict[str, tuple[ReplicaURL, ...]]:
+    # ``taken``: the names of the default database's nodes, which no replica of another
+    # database may have (one name, one node, in the status table and the metrics).
+    key = "REPLICATED_BIND_REPLICAS"
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(
+            f"'{key}' must be a dict of bind keys (of SQLALCHEMY_BINDS) to their replicas, "
+            f"such as {{'users': {{'users_replica1': 'postgresql://app@replica1/users'}}}}, "
+            f"got {_shown(value)}."
+        )
+    names: dict[str, str] = dict.fromkeys(taken, "the default database")
+    found: dict[str, tuple[ReplicaURL, ...]] = {}
+    for bind_key, replicas in value.items():
+        if not isinstance(bind_key, str) or not bind_key or _looks_like_url(bind_key):
+            raise ConfigError(
+                f"'{key}' must have bind keys of SQLALCHEMY_BINDS as keys, got {_shown(bind_key)}."
+            )
+        if bind_key in names:
+            raise ConfigError(
+                f"'{key}' gives replicas to the bind '{bind_key}', which is a node of "
+                f"{names[bind_key]}. Give each database's replicas once."
+            )
+        where = f"{key}['{bind_key}']"
+        if replicas is None:
+            raise ConfigError(f"'{where}' must be a dict of replica names to URLs, got None.")
+        specs = _replicas(replicas, where)
+        for spec in specs:
+            if spec.name in names or spec.name in value:
+                other = names.get(spec.name) or f"the bind '{spec.name}'"
+                raise ConfigError(
+                    f"'{where}' names a replica '{spec.name}', a name {other} already has. "
+                    "Give every replica of the app its own name."
+                )
+            names[spec.name] = f"the database '{bind_key}'"
+        found[bind_key] = specs
+    return found
 
 
 def _name(key: str, value: object) -> str:
@@ -345,11 +534,16 @@ def _finite(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _weights(value: object, names: list[str]) -> dict[str, float]:
-    # ``names``: the replicas, by bind name or by their name in REPLICATED_REPLICAS.
+def _weights(
+    value: object, names: list[str], others: Mapping[str, list[str]] | None = None
+) -> dict[str, float]:
+    # ``names``: the default database's replicas, by bind name or by their name in
+    # REPLICATED_REPLICAS; ``others``: those of each further database, by bind key.
     key = "REPLICATED_REPLICA_WEIGHTS"
     if value is None:
         return {}
+    databases = {"": names, **(others or {})}
+    names = [name for group in databases.values() for name in group]
     if not isinstance(value, Mapping):
         raise ConfigError(
             f"'{key}' must be a dict of replica names to weights, such as "
@@ -368,19 +562,23 @@ def _weights(value: object, names: list[str]) -> dict[str, float]:
                 f"'{key}['{name}']' must be zero or a positive number, got {_shown(weight)}."
             )
         weights[name] = number
-    if all(weights.get(name, 1.0) == 0 for name in names):
-        raise ConfigError(
-            f"'{key}' gives every replica the weight 0, so no replica would serve reads. "
-            "Give at least one a positive weight (0 keeps a replica out of rotation)."
-        )
+    for database, group in databases.items():
+        if all(weights.get(name, 1.0) == 0 for name in group):
+            which = f" of the database '{database}'" if database else ""
+            raise ConfigError(
+                f"'{key}' gives every replica{which} the weight 0, so no replica would serve "
+                "reads. Give at least one a positive weight (0 keeps a replica out of rotation)."
+            )
     return weights
 
 
-def _balanced(value: object, names: list[str]) -> frozenset[str]:
-    # ``names``: the replicas, by bind name or by their name in REPLICATED_REPLICAS.
+def _balanced(value: object, names: list[str], others: list[str]) -> frozenset[str]:
+    # ``names``: the replicas, by bind name or by their name in REPLICATED_REPLICAS;
+    # ``others``: those of the further databases (REPLICATED_BIND_REPLICAS).
     key = "REPLICATED_BALANCED_REPLICAS"
     if value is None:
         return frozenset()
+    names = [*names, *others]
     known = ", ".join(repr(n) for n in names)
     if isinstance(value, str) or not isinstance(value, Iterable) or isinstance(value, Mapping):
         raise ConfigError(

@@ -9,9 +9,11 @@ primary only, when its transaction did nothing but read on the failed replica at
 READ COMMITTED (each statement had its own snapshot anyway, and the primary has
 everything that replica had, so the request never sees time go backwards) and the
 session holds no unflushed change; the rollback expires the objects loaded so far,
-which reload from the primary. Anything else (a savepoint, another database in the
-transaction, REPEATABLE READ) propagates its error: rerouting would break what the
-view relied on.
+which reload from the primary. With several routed databases, the transaction may
+also have read on the other databases' replicas (at READ COMMITTED too): the replica
+that failed is retried by its own database's router. Anything else (a savepoint,
+another database's primary in the transaction, REPEATABLE READ) propagates its error:
+rerouting would break what the view relied on.
 
 The retry wraps the session's ``execute``, ``scalar`` and ``scalars``, the three
 doors every ORM read goes through (``get``, ``Query`` and lazy loads call
@@ -47,7 +49,7 @@ from .nodes import Node, Role
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from sqlalchemy.engine import Connection, ExceptionContext
+    from sqlalchemy.engine import Connection, Engine, ExceptionContext
     from sqlalchemy.orm import Session, SessionTransaction
 
     from .router import Router
@@ -109,14 +111,18 @@ def note_replica_error(context: ExceptionContext, node: Node) -> None:
                 setattr(error, _CONNECTING_ATTRIBUTE, True)
 
 
-def _failed_replica(error: BaseException) -> Node | None:
+def _failed_replica(error: BaseException, session: Session | None = None) -> Node | None:
     node = getattr(error, _NODE_ATTRIBUTE, None)
     if node is None and isinstance(error, OSError):
         # A driver's own timeout at connect (asyncpg) is no DBAPI error, so no engine
-        # listener saw it: it came from the replica the intent points to.
+        # listener saw it: it came from the node the session last routed to (its
+        # database may not be the default one), else the replica the intent points to.
         override = current_override()
         scope = current_scope()
-        if override is not None:
+        routed = getattr(session, "routed_node", None)
+        if isinstance(routed, Node):
+            node = routed
+        elif override is not None:
             node = override.node
         elif scope is not None and not scope.closed:
             node = scope.decision.node
@@ -245,13 +251,17 @@ def _ready_to_retry(
         if first:
             session.rollback()
         return True
-    node = _failed_replica(error)
+    node = _failed_replica(error, session)
     failure = classify_failure(error) if node is not None else None
     router = router_of(session) if failure is not None else None
+    if router is not None and node is not None and node not in router.replicas:
+        # A replica of another database of the app: its own router reroutes.
+        router = next((r for r in router.siblings if node in r.replicas), None)
     if router is None or node is None or node in failed or not router.reads_go_to(node):
         return False
     if not first:
-        if not _only_read_on(session, node):
+        others = {n.engine for r in router.siblings for n in r.replicas}
+        if not _only_read_on(session, node, others):
             return False
         # Every replica counts as failed: the primary is the one node known to be
         # at least as far along as the one this transaction read from.
@@ -267,10 +277,15 @@ def _ready_to_retry(
 _READ_COMMITTED_OR_LOWER = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
 
 
-def _only_read_on(session: Session, node: Node) -> bool:
+def _only_read_on(session: Session, node: Node, other_replicas: set[Engine] | None = None) -> bool:
     """Whether rolling back ``session`` loses nothing a view relied on: its transaction
     (no savepoint) holds one connection, to ``node``'s engine, at READ COMMITTED or
-    lower, and the session has no unflushed change."""
+    lower, and the session has no unflushed change.
+
+    With several databases, ``other_replicas`` holds the replica engines of the app's
+    other databases: the transaction may also hold connections to those (which cannot
+    have written), each at READ COMMITTED or lower, and none to ``node``'s when its
+    connect failed."""
     if session.new or session.dirty or session.deleted:
         return False
     if session.get_nested_transaction() is not None:
@@ -279,11 +294,16 @@ def _only_read_on(session: Session, node: Node) -> bool:
     if transaction is None:
         return False
     connections = _connections_of(transaction)
-    if len(connections) != 1:
+    own = [conn for conn in connections if conn.engine is node.engine]
+    others = [conn for conn in connections if conn.engine is not node.engine]
+    if not connections or len(own) > 1:
         return False
-    (conn,) = connections
-    if conn.engine is not node.engine:
+    if any(conn.engine not in (other_replicas or ()) for conn in others):
         return False
+    return all(_read_committed(conn) for conn in connections)
+
+
+def _read_committed(conn: Connection) -> bool:
     level = conn.get_execution_options().get("isolation_level") or _engine_isolation(conn)
     return isinstance(level, str) and level.upper() in _READ_COMMITTED_OR_LOWER
 

@@ -23,8 +23,11 @@ from .intent import Intent, current_override, current_scope
 from .statements import StatementKind, classify_sql
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .backends import Backend
     from .nodes import Node
+    from .scope import RequestScope
 
 __all__ = ["CUT_MARK", "EXECUTE_HOOKS", "guard_replica", "refusal_message"]
 
@@ -36,17 +39,22 @@ CUT_MARK = "replicated.cut"
 _READ = StatementKind.READ
 
 
-def guard_replica(node: Node, connect_timeout: float) -> None:
-    """Install the guards on ``node``'s engine."""
+def guard_replica(
+    node: Node,
+    connect_timeout: float,
+    scope: Callable[[], RequestScope | None] = current_scope,
+) -> None:
+    """Install the guards on ``node``'s engine. ``scope`` finds the request scope of
+    its database (its router's ``requests.scope``), which the messages describe."""
     backend = backend_for(node.engine.dialect.name)
-    refuse = _refuse_writes(node, backend)
+    refuse = _refuse_writes(node, backend, scope)
     for hook in EXECUTE_HOOKS:
         event.listen(node.engine, hook, refuse)
-    event.listen(node.engine, "handle_error", _translate_errors(node, backend))
+    event.listen(node.engine, "handle_error", _translate_errors(node, backend, scope))
     event.listen(node.engine, "do_connect", _connect_timeout(backend, connect_timeout))
 
 
-def _refuse_writes(node: Node, backend: Backend) -> Any:
+def _refuse_writes(node: Node, backend: Backend, scope: Callable[[], RequestScope | None]) -> Any:
     pg = backend.postgresql_syntax
 
     # Listens to do_execute/do_executemany (cursor, statement, parameters, context)
@@ -54,12 +62,14 @@ def _refuse_writes(node: Node, backend: Backend) -> Any:
     def refuse(cursor: Any, statement: str, _a: Any = None, _b: Any = None) -> None:
         kind = classify_sql(statement, postgresql=pg)
         if kind is not _READ:
-            raise ReplicaWriteError(refusal_message(node, kind))
+            raise ReplicaWriteError(refusal_message(node, kind, scope))
 
     return refuse
 
 
-def _translate_errors(node: Node, backend: Backend) -> Any:
+def _translate_errors(
+    node: Node, backend: Backend, scope: Callable[[], RequestScope | None]
+) -> Any:
     def on_error(context: Any) -> None:
         orig = context.original_exception
         conn = context.connection
@@ -68,7 +78,8 @@ def _translate_errors(node: Node, backend: Backend) -> Any:
             setattr(context.sqlalchemy_exception, INTERRUPTED, True)
             setattr(orig, INTERRUPTED, True)
         if backend.classify_error(orig) is ErrorKind.READ_ONLY:
-            raise ReplicaWriteError(refusal_message(node)) from context.sqlalchemy_exception
+            message = refusal_message(node, scope=scope)
+            raise ReplicaWriteError(message) from context.sqlalchemy_exception
         # Failover needs to know which replica failed; the error is what it gets.
         note_replica_error(context, node)
 
@@ -84,11 +95,16 @@ def _connect_timeout(backend: Backend, timeout: float) -> Any:
     return limit
 
 
-def refusal_message(node: Node, kind: StatementKind = StatementKind.WRITE) -> str:
+def refusal_message(
+    node: Node,
+    kind: StatementKind = StatementKind.WRITE,
+    scope: Callable[[], RequestScope | None] = current_scope,
+) -> str:
     """The sentence that tells the user why a statement was refused and what to do.
 
     ``kind`` says what the statement did: a write, an advisory lock or a session
-    change (``SET``, ``RESET``, ``ATTACH``, ``DETACH``).
+    change (``SET``, ``RESET``, ``ATTACH``, ``DETACH``); ``scope`` finds the request
+    scope of ``node``'s database.
     """
     write = kind is StatementKind.WRITE
     subject, did, why = _REFUSALS[kind]
@@ -99,9 +115,9 @@ def refusal_message(node: Node, kind: StatementKind = StatementKind.WRITE) -> st
             f"{why}. Move {'the write' if write else 'it'} out of the 'use_replica()' "
             "block or wrap it in 'use_primary()'."
         )
-    scope = current_scope()
-    if scope is not None and scope.decision.node is node:
-        facts = scope.facts
+    current = scope()
+    if current is not None and current.decision.node is node:
+        facts = current.facts
         request = "websocket" if facts.websocket else f"{facts.method} request"
         return (
             f"The view '{facts.view}' {did} during a {request}, which is routed to a "

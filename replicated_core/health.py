@@ -130,6 +130,29 @@ class Health:
         # the request path reads this attribute and skips the call. None: call views().
         self.stable_views: tuple[ReplicaView, ...] | None = None
 
+    def add(self, node: Node) -> None:
+        """Count ``node``, a replica that joined (found through DNS). It serves no
+        reads until a position check says it is fine (or, where positions cannot be
+        read, at once)."""
+        with self._lock:
+            # A new dict, not a change to the one that views() may be reading.
+            self.states = {**self.states, node.name: ReplicaState(node, needs_check=self._probing)}
+            self._nodes = (*self._nodes, node)
+            self._changed()
+
+    def remove(self, node: Node) -> None:
+        """Forget ``node``, a replica that left: it gets no reads from the next view
+        on. Its checks still out answer into nothing."""
+        with self._lock:
+            self.states = {n: s for n, s in self.states.items() if s.node is not node}
+            self._nodes = tuple(n for n in self._nodes if n is not node)
+            self._changed()
+
+    def _state(self, node: Node) -> ReplicaState | None:
+        # The state of ``node`` if it is still one of the replicas (it may have left).
+        state = self.states.get(node.name)
+        return state if state is not None and state.node is node else None
+
     # -- reading -------------------------------------------------------------------
 
     @property
@@ -187,8 +210,9 @@ class Health:
         self.stable_views = None
 
     def usable(self, name: str) -> bool:
-        """Whether the replica called ``name`` may serve reads now."""
-        return self._usable(self.states[name], self.clock())
+        """Whether the replica called ``name`` may serve reads now (False once it left)."""
+        state = self.states.get(name)
+        return state is not None and self._usable(state, self.clock())
 
     def _usable(self, state: ReplicaState, now: float) -> bool:
         if now < state.down_until or state.overdue_since is not None:
@@ -277,7 +301,9 @@ class Health:
     def drop(self, check: Check) -> None:
         """Forget ``check``, from ``plan()``, which its prober never ran (it stopped)."""
         with self._lock:
-            state = self.states[check.node.name]
+            state = self._state(check.node)
+            if state is None:
+                return
             state.checks_out = max(0, state.checks_out - 1)
             if state.checks_out == 0:
                 state.checking_since = None
@@ -294,7 +320,9 @@ class Health:
         """
         notes: list[_Note] = []
         with self._lock:
-            state = self.states[check.node.name]
+            state = self._state(check.node)
+            if state is None:
+                return
             state.checks_out = max(0, state.checks_out - 1)
             if state.checks_out == 0:
                 state.checking_since = None
@@ -321,7 +349,9 @@ class Health:
         """Store a successful probe of ``node``, made just now (status command)."""
         notes: list[_Note] = []
         with self._lock:
-            self._record(self.states[node.name], probe, notes)
+            state = self._state(node)
+            if state is not None:
+                self._record(state, probe, notes)
         self._log(notes)
 
     def _record(self, state: ReplicaState, probe: ReplicaProbe, notes: list[_Note]) -> None:
@@ -356,9 +386,9 @@ class Health:
         requests after it find the replica caught up without asking. Only a replica
         known to be a standby moves, and only forward; its lag stays as last probed."""
         with self._lock:
-            state = self.states[node.name]
-            probe = state.probe
-            if probe is None or not probe.in_recovery:
+            state = self._state(node)
+            probe = state.probe if state is not None else None
+            if state is None or probe is None or not probe.in_recovery:
                 return
             if probe.replay_lsn is not None and probe.replay_lsn >= replay:
                 return
@@ -381,7 +411,9 @@ class Health:
             return  # the router cut it off while it was overdue: it is out already
         notes: list[_Note] = []
         with self._lock:
-            state = self.states[node.name]
+            state = self._state(node)
+            if state is None:
+                return  # it left meanwhile
             if state.checking_since is not None and _is_timeout(error):
                 state.failures += 1
                 self.marked_down += 1

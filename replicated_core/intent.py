@@ -64,6 +64,9 @@ class Override:
     # ``use_replica(max_lag=...)``: the most lag, in seconds, a replica may have to
     # serve the block; None: any usable replica.
     max_lag: float | None = field(default=None)
+    # The replica picked for the block on each further database of an app (the
+    # default database's is ``node``), by router: every database follows the block.
+    picks: dict[object, Node] | None = field(default=None, repr=False)
 
 
 _override: ContextVar[Override | None] = ContextVar("replicated_override", default=None)

@@ -18,15 +18,16 @@ import contextlib
 import queue
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
 
     from sqlalchemy import Engine
     from sqlalchemy.pool import Pool
 
     from .backends import ReplicaProbe
+    from .discovery import Discovery
     from .health import Check, Health
     from .nodes import Node
 
@@ -106,6 +107,8 @@ class ThreadProber:
         self.probe = probe
         self.on_overdue = on_overdue
         self.idle_stop = IDLE_STOP
+        # Asked at every tick to resolve the replicas again when due (set by the adapter).
+        self.discovery: Discovery | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -192,7 +195,25 @@ class ThreadProber:
             if not self.running:
                 return False
             self._dispatch()
+        discovery = self.discovery
+        if discovery is not None:
+            discovery.poll()
         return True
+
+    def track(self, node: Node) -> None:
+        """Watch ``node``, a replica that joined, for its engine's disposal too."""
+        with self._lock:
+            if self.running:
+                self._pools.append((node.engine, node.engine.pool))
+
+    def untrack(self, node: Node) -> None:
+        """Stop checking ``node``, a replica that left: its engine is about to be
+        disposed of, which must not look like the app's shutdown."""
+        with self._lock:
+            self._pools = [(e, p) for e, p in self._pools if e is not node.engine]
+            worker = self._workers.pop(node.name, None)
+        if worker is not None:
+            worker.inbox.put(None)
 
     def _dispatch(self, first: bool = False) -> None:
         # Called with the lock held.
@@ -271,6 +292,8 @@ class TaskProber:
         self.health = health
         self.probe = probe
         self.idle_stop = IDLE_STOP
+        # Asked at every tick to resolve the replicas again when due (set by the adapter).
+        self.discovery: Discovery | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -350,11 +373,19 @@ class TaskProber:
         self._rounds += 1
         started = []
         for check in self.health.plan(slack).checks:
-            task = asyncio.ensure_future(self._run_check(check))
-            self._checks.add(task)
-            task.add_done_callback(self._checks.discard)
-            started.append(task)
+            started.append(self._spawn(self._run_check(check)))
+        discovery = self.discovery
+        if discovery is not None:
+            for work in discovery.work():
+                self._spawn(work)  # not waited for by a first round
         return started
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        # A task that stop() waits for, or cancels.
+        task = asyncio.ensure_future(work)
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+        return task
 
     async def _run_check(self, check: Check) -> None:
         try:

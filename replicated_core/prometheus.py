@@ -58,6 +58,14 @@ _COUNTERS = (
         "balanced_behind",
         "Sticky reads moved to the primary: their connection to a balanced replica was behind.",
     ),
+    (
+        "discovery_resolutions",
+        "DNS resolutions of REPLICATED_REPLICA_DISCOVERY that answered with replicas.",
+    ),
+    (
+        "discovery_failures",
+        "DNS resolutions of REPLICATED_REPLICA_DISCOVERY that failed (the last set is kept).",
+    ),
 )
 
 
@@ -162,13 +170,15 @@ def register(registry: CollectorRegistry = REGISTRY) -> ReplicatedCollector:
 
 
 def labelled(routers: Iterable[Router]) -> Iterator[tuple[tuple[str, str], Router]]:
-    """Each router with its ``app`` and ``database`` labels: a second app of the same
-    name is "name-2", and so on, in the order given."""
-    seen: Counter[str] = Counter()
+    """Each router with its ``app`` and ``database`` labels, in the order given: a
+    second app of the same name is "name-2", and so on; the routers of one app's
+    several databases share its label."""
+    seen: Counter[tuple[str, str]] = Counter()
     for router in routers:
         name = router.name or "app"
-        seen[name] += 1
-        app = name if seen[name] == 1 else f"{name}-{seen[name]}"
+        key = (name, router.primary.name)
+        seen[key] += 1
+        app = name if seen[key] == 1 else f"{name}-{seen[key]}"
         yield (app, router.primary.name), router
 
 
@@ -199,7 +209,8 @@ def _add_replicas(router: Router, base: list[str], gauges: dict[str, GaugeMetric
         if probe is None:
             continue  # nothing known of its replay: no lag to report
         gauges["lag_seconds"].add_metric(labels, state.lag_seconds)
-        lag_bytes = router.backends[node.name].distance(furthest, probe.replay_lsn)
+        backend = router.backends.get(node.name)  # None: it left DNS during the scrape
+        lag_bytes = None if backend is None else backend.distance(furthest, probe.replay_lsn)
         if lag_bytes is not None:
             gauges["lag_bytes"].add_metric(labels, float(lag_bytes))
 

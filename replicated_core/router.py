@@ -1,6 +1,7 @@
 """The router: turns the routing intent into a node for every statement.
 
-Adapters build one Router per app from its engines, open a request scope through
+Adapters build one Router per routed database of an app from its engines (the app's
+``Databases``, databases.py, holds them), open a request scope through
 ``router.requests`` (scope.py) at the start of each request, and ask ``node()``
 whenever SQLAlchemy needs a bind.
 """
@@ -28,7 +29,7 @@ from .config import ReplicatedConfig, StickyMode
 from .counters import Counters
 from .guards import CUT_MARK, EXECUTE_HOOKS, guard_replica
 from .health import Health, describe_error
-from .intent import Intent, current_override, override_var, scope_var
+from .intent import Intent, current_override, override_var
 from .nodes import Node, Role
 from .prober import TaskProber, ThreadProber
 from .rules import Decision, Reason, decide
@@ -39,11 +40,14 @@ from .weights import Spread
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from contextvars import ContextVar
 
     from sqlalchemy.engine import Connection
     from sqlalchemy.pool import ConnectionPoolEntry
 
     from .backends import Position
+    from .discovery import Discovery
+    from .intent import Override
     from .rules import ReplicaView
     from .scope import RequestScope
     from .sticky import StickyCodec
@@ -84,7 +88,12 @@ if hasattr(os, "register_at_fork"):
 
 
 class Router:
-    """Chooses the node for each statement of one app and guards replicas against writes."""
+    """Chooses the node for each statement of one database of an app and guards its
+    replicas against writes.
+
+    ``scope_var`` is where its request scopes live: None (``intent``'s) for the app's
+    default database, a contextvar of its own for each further one.
+    """
 
     def __init__(
         self,
@@ -94,9 +103,15 @@ class Router:
         codec: StickyCodec | None,
         *,
         name: str = "",
+        scope_var: ContextVar[RequestScope | None] | None = None,
     ) -> None:
         # The app's name (the adapters give it): the "app" label of its metrics.
         self.name = name
+        # Where this router's request scopes live: the contextvar of ``intent`` for an
+        # app's default database; one of its own for each further database of the app
+        # (databases.py), so that each database has its own scope in a request.
+        self._default = scope_var is None
+        self._scope_var = intent.scope_var if scope_var is None else scope_var
         self.serial = next(_SERIALS)  # creation order, for live_routers()
         self.config = config
         self.primary = primary
@@ -129,6 +144,9 @@ class Router:
         )
         self._prober: ThreadProber | TaskProber | None = None
         self._thread_prober: ThreadProber | None = None
+        # What finds replicas through DNS (REPLICATED_REPLICA_DISCOVERY), set by the
+        # adapter; it adds and removes replicas with add_replica() and remove_replica().
+        self.discovery: Discovery | None = None
         # Pooled connections of each replica, to cut off those stuck on a hung one.
         self._entries: dict[str, weakref.WeakSet[ConnectionPoolEntry]] = {
             n.name: weakref.WeakSet() for n in self.replicas
@@ -163,21 +181,27 @@ class Router:
             self._choose,
             self.backend.format_position,
             self.spread,
+            self._scope_var,
         )
         self.requests.catch_up = self.catch_up
         # Replicas behind one address: their sticky reads are checked on the connection
         # they read on; the adapter installs it on its session class.
         self.balanced = (
             Balanced(self, config.balanced_replicas)
-            if config.balanced_replicas and self.health.probing
+            if self.health.probing
+            and any(n.name in config.balanced_replicas for n in self.replicas)
             else None
         )
         self.requests.balanced = self.balanced
         self._warned_late_commit = False
+        # The routers of the app's other databases (databases.py), for failover to find
+        # the router of a replica that failed.
+        self.siblings: tuple[Router, ...] = ()
         self._install_guards()
         if codec is not None and self.backend.has_positions:
-            for node in (primary, *self.replicas):
-                event.listen(node.engine, "connect", self._learn_cluster(node))
+            event.listen(primary.engine, "connect", self._learn_cluster(primary))
+        for node in self.replicas:
+            self._listen(node)
         _ROUTERS.add(self)
 
     # The cookie settings are read-only: what the request path keeps of them is
@@ -217,6 +241,46 @@ class Router:
         self._thread_prober = prober if isinstance(prober, ThreadProber) else None
         self.requests.thread_prober = self._thread_prober
 
+    def _listen(self, node: Node) -> None:
+        # A replica's guards and connect listeners, at creation or when it joins.
+        guard_replica(node, self.config.connect_timeout, self.requests.scope)
+        event.listen(node.engine, "connect", self._remember_entry(node))
+        if self._codec is not None and self.backend.has_positions:
+            event.listen(node.engine, "connect", self._learn_cluster(node))
+
+    # -- replicas that join and leave (replicated_core.discovery) -------------------
+
+    def add_replica(self, node: Node) -> None:
+        """Route reads to ``node`` too, once a position check says it is fine.
+
+        Thread-safe against the request path: each registry it touches is replaced by
+        a new one (or changed with one atomic assignment), never edited in place.
+        """
+        backend = backend_for(node.engine.dialect.name)
+        self.backends[node.name] = backend
+        password = node.engine.url.password
+        if password and password not in self.health.secrets:
+            self.health.secrets = (*self.health.secrets, password)
+        with self._entries_lock:
+            self._entries[node.name] = weakref.WeakSet()
+        self._listen(node)
+        self.spread.add(node)
+        self.health.add(node)
+        self.replicas = (*self.replicas, node)
+        if self._thread_prober is not None:
+            self._thread_prober.track(node)
+
+    def remove_replica(self, node: Node) -> None:
+        """Send no new read to ``node``; the requests and blocks already reading there
+        go on with it. Its engine stays the caller's to dispose of once they are done."""
+        self.replicas = tuple(n for n in self.replicas if n is not node)
+        self.health.remove(node)
+        self.spread.remove(node)
+        if self._thread_prober is not None:
+            self._thread_prober.untrack(node)
+        with self._entries_lock:
+            self._entries.pop(node.name, None)
+
     def after_fork(self) -> None:
         """Make this router safe to use in a child process right after a fork.
 
@@ -241,6 +305,8 @@ class Router:
             entries.clear()
         for node in (self.primary, *self.replicas):
             node.engine.dispose(close=False)
+        if self.discovery is not None:
+            self.discovery.after_fork()
 
     def close(self) -> None:
         """Stop a ``ThreadProber`` and wait briefly for its checks in flight; the
@@ -277,19 +343,25 @@ class Router:
     def metrics(self) -> dict[str, int]:
         """Every counter of this router: decisions by reason (and by reason and node,
         as ``requests_by.<reason>.<node>``), writes, sticky hits, fallbacks, retries,
-        replicas marked down, position checks and catch-up waits."""
-        return {
+        replicas marked down, position checks and catch-up waits; with discovery, the
+        DNS resolutions that answered and those that failed."""
+        found = {
             **self.counters.snapshot(),
             "replicas_marked_down": self.health.marked_down,
             "position_checks": self.health.refreshes,
         }
+        discovery = self.discovery
+        if discovery is not None:
+            found["discovery_resolutions"] = discovery.resolutions
+            found["discovery_failures"] = discovery.failures
+        return found
 
     # -- per statement -----------------------------------------------------------
 
     def node(self) -> Node:
         """The node for the next statement, from the current intent. The hot path."""
         override = override_var.get()
-        scope = scope_var.get()
+        scope = self._scope_var.get()
         if override is None:
             if scope is None or scope.owner is not self or scope.closed:
                 return self.primary
@@ -309,12 +381,30 @@ class Router:
                 # From now on the request reads its own writes on the primary.
                 scope.decision = Decision(self.primary, Reason.PINNED)
             return self.primary
-        if override.node is None:
+        node = override.node if self._default else self._block_node(override)
+        if node is None:
             if override.after is not None:
-                override.node = self._replica_after(override.after, scope)
+                node = self._replica_after(override.after, scope)
             else:
-                override.node = self._replica_for_block(scope)
-        return override.node
+                node = self._replica_for_block(scope)
+            self._keep_pick(override, node)
+        return node
+
+    def _block_node(self, override: Override) -> Node | None:
+        # The replica a use_replica() block reads from on this router's database (None:
+        # not picked yet); the default database's is the override's own ``node``.
+        if self._default:
+            return override.node
+        picks = override.picks
+        return picks.get(self) if picks is not None else None
+
+    def _keep_pick(self, override: Override, node: Node) -> None:
+        if self._default:
+            override.node = node
+        elif override.picks is None:
+            override.picks = {self: node}
+        else:
+            override.picks[self] = node
 
     # -- replicas ----------------------------------------------------------------
 
@@ -329,7 +419,7 @@ class Router:
         """Whether the current block's, or else request's, reads go to ``node``."""
         override = current_override()
         if override is not None:
-            return override.node is node
+            return self._block_node(override) is node
         scope = self.requests.scope()
         return scope is not None and scope.decision.node is node
 
@@ -340,12 +430,12 @@ class Router:
         last = failed[-1]
         views = [v for v in self.spread.in_rotation(self.health.views()) if v.node not in failed]
         override = current_override()
-        if override is not None and override.node is last:
+        if override is not None and self._block_node(override) is last:
             bound = override.max_lag
             usable = [
                 v.node for v in views if v.usable and (bound is None or v.lag_seconds <= bound)
             ]
-            override.node = self._pick(usable, views)
+            self._keep_pick(override, self._pick(usable, views))
         scope = self.requests.scope()
         if scope is not None and scope.decision.node is last:
             choices = decide(scope.facts, scope.sticky, self.primary, views)
@@ -388,6 +478,9 @@ class Router:
         codec = self._codec
         token = None if codec is None else codec.loads(value, math.inf)
         if token is None:
+            if codec is not None and codec.no_entry(value):
+                # Only of the app's other databases: nothing to wait for on this one.
+                return self._replica_for_block(scope)
             return self.primary  # a token that does not check: the safe choice
         if token.lsn is None:
             # Only "its holder wrote": the primary for the sticky time, as a cookie.
@@ -472,9 +565,6 @@ class Router:
                 # The position after the commit, on the connection that committed,
                 # as it goes back to the pool: no second checkout.
                 event.listen(primary.pool, "reset", self._on_primary_reset)
-        for node in self.replicas:
-            guard_replica(node, self.config.connect_timeout)
-            event.listen(node.engine, "connect", self._remember_entry(node))
 
     # Listeners of do_execute/do_executemany (cursor, statement, parameters, context)
     # and do_execute_no_params (cursor, statement, context): named parameters rather
@@ -482,7 +572,7 @@ class Router:
     def _note_write(self, cursor: Any, statement: str, _a: Any = None, _b: Any = None) -> None:
         # The cheap first signal: a request known to have written asks the server
         # nothing at its commit.
-        scope = scope_var.get()
+        scope = self._scope_var.get()
         if scope is not None and not scope.wrote and classify_sql(statement) is _WRITE:
             scope.wrote = True
 
@@ -490,7 +580,7 @@ class Router:
         self, cursor: Any, statement: str, _a: Any = None, _b: Any = None
     ) -> None:
         # No transaction ids to ask (SQLite): the text alone decides, in SQLite's syntax.
-        scope = scope_var.get()
+        scope = self._scope_var.get()
         if (
             scope is not None
             and not scope.wrote
@@ -499,7 +589,7 @@ class Router:
             scope.wrote = True
 
     def _on_commit(self, conn: Connection) -> None:
-        scope = scope_var.get()
+        scope = self._scope_var.get()
         if scope is None or scope.owner is not self or scope.closed:
             return
         if not scope.wrote or scope.answered:
@@ -584,7 +674,9 @@ class Router:
     def _remember_entry(self, node: Node) -> Any:
         def remember(dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:
             with self._entries_lock:
-                self._entries[node.name].add(entry)
+                entries = self._entries.get(node.name)  # None: the replica left
+                if entries is not None:
+                    entries.add(entry)
 
         return remember
 

@@ -18,7 +18,7 @@ from .sticky import StickyToken, later
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from contextvars import Token
+    from contextvars import ContextVar, Token
 
     from .backends import Position
     from .balanced import Balanced
@@ -168,8 +168,11 @@ class Requests:
         choose: Callable[[Sequence[_Choice], tuple[float, ...] | None], _Choice],
         show_position: Callable[[Position], str],
         spread: Spread,
+        scope_var: ContextVar[RequestScope | None] = scope_var,
     ) -> None:
         self._owner = owner
+        # Where the scopes live: one contextvar per database of an app (router.py).
+        self._scope_var = scope_var
         self._show_position = show_position  # for the debug log
         self._config = config
         self._primary = primary
@@ -201,6 +204,16 @@ class Requests:
         self._settling = threading.Lock()
         # The last time-mode cookie: its second, path and Secure flag, and itself.
         self._time_update: tuple[int, str, bool, CookieUpdate] | None = None
+
+    @property
+    def codec_in_use(self) -> StickyCodec | None:
+        """The codec that reads and writes tokens: None without one or in sticky mode off."""
+        return self._codec
+
+    @property
+    def max_age(self) -> int:
+        """The sticky cookie's Max-Age, in whole seconds."""
+        return self._max_age
 
     def after_fork(self, counters: Counters) -> None:
         """Start afresh in a child process: new counters and a new lock (a thread of
@@ -236,7 +249,7 @@ class Requests:
         """Decide where the request reads and make that the current scope."""
         scope = RequestScope(self._owner)
         self.settle(scope, facts, cookie, header)
-        scope.token = scope_var.set(scope)
+        scope.token = self._scope_var.set(scope)
         return scope
 
     def open(self, resolver: Callable[[RequestScope], None]) -> RequestScope:
@@ -249,7 +262,7 @@ class Requests:
         scope = RequestScope(
             self._owner, resolver=resolver, pending=self._not_routed, counted=("requests_total",)
         )
-        scope.token = scope_var.set(scope)
+        scope.token = self._scope_var.set(scope)
         return scope
 
     def read_token(self, cookie: str | None, header: str | None = None) -> StickyToken | None:
@@ -422,7 +435,7 @@ class Requests:
 
     def scope(self) -> RequestScope | None:
         """The scope of the request this router is serving now, if any."""
-        scope = scope_var.get()
+        scope = self._scope_var.get()
         if scope is None or scope.owner is not self._owner or scope.closed:
             return None
         return scope
@@ -450,7 +463,7 @@ class Requests:
                     names, (*names, "writes")
                 )
             self._counters.add_event(names)
-            scope_var.reset(scope.token)
+            self._scope_var.reset(scope.token)
             scope.token = None
         scope.closed = True
         scope.resolver = None  # it holds the request; copies of the context live on

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from .router import Router
 
 __all__ = [
+    "AppStatus",
     "ClusterStatus",
+    "DiscoveryStatus",
     "NodeStatus",
     "build_status",
     "reported_by_the_table",
@@ -69,11 +71,48 @@ class NodeStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class DiscoveryStatus:
+    """``REPLICATED_REPLICA_DISCOVERY`` as it stands: the DNS name and record type,
+    the replicas found (by node name), those still draining after they left, how long
+    ago the last resolution that answered was (None: none yet), and the error of the
+    last one if it failed (the replicas found before are kept meanwhile)."""
+
+    name: str
+    record: str
+    interval: float
+    replicas: tuple[str, ...]
+    draining: tuple[str, ...]
+    resolved_ago: float | None
+    resolutions: int
+    failures: int
+    error: str | None
+
+    def to_line(self) -> str:
+        """One line for the status table."""
+        resolved = (
+            "never resolved"
+            if self.resolved_ago is None
+            else f"resolved {self.resolved_ago:.1f} s ago"
+        )
+        line = (
+            f"discovery: {self.record} records of {self.name} every {self.interval:g} s: "
+            f"{len(self.replicas)} replicas, {resolved}"
+        )
+        if self.error is not None:
+            line += f"; the last resolution failed ({self.error}): the replicas found before stay"
+        if self.draining:
+            line += f"; draining: {', '.join(self.draining)}"
+        return line
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterStatus:
-    """Every node of one app's router, and the sticky mode in force."""
+    """Every node of one app's router, the sticky mode in force, and replica discovery
+    (None without ``REPLICATED_REPLICA_DISCOVERY``)."""
 
     sticky_mode: str
     nodes: tuple[NodeStatus, ...]
+    discovery: DiscoveryStatus | None = None
 
     @property
     def healthy(self) -> bool:
@@ -91,6 +130,7 @@ class ClusterStatus:
                 "sticky_mode": self.sticky_mode,
                 "healthy": self.healthy,
                 "nodes": [asdict(n) for n in self.nodes],
+                "discovery": None if self.discovery is None else asdict(self.discovery),
             },
             indent=2,
         )
@@ -137,8 +177,42 @@ class ClusterStatus:
             for row in rows
         ]
         lines.append(f"sticky mode: {self.sticky_mode}")
+        if self.discovery is not None:
+            lines.append(self.discovery.to_line())
         lines += [f"{n.name}: {n.error}" for n in self.nodes if n.error]
         return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class AppStatus:
+    """Every routed database of one app, by name (``(default)``, then bind keys), each
+    with its ``ClusterStatus``: what the status command shows for several databases."""
+
+    databases: tuple[tuple[str, ClusterStatus], ...]
+
+    @property
+    def healthy(self) -> bool:
+        """Every database is healthy (``ClusterStatus.healthy``)."""
+        return all(status.healthy for _, status in self.databases)
+
+    def to_json(self) -> str:
+        """The status as a JSON document, for scripts: each database's as
+        ``ClusterStatus.to_json`` writes it, under ``databases`` by name."""
+        return json.dumps(
+            {
+                "healthy": self.healthy,
+                "databases": {
+                    name: json.loads(status.to_json()) for name, status in self.databases
+                },
+            },
+            indent=2,
+        )
+
+    def to_table(self) -> str:
+        """One table per database, each under a line naming it."""
+        return "\n\n".join(
+            f"database: {name}\n{status.to_table()}" for name, status in self.databases
+        )
 
 
 def _yes(flag: bool) -> str:
@@ -201,7 +275,9 @@ def build_status(
         in_recovery, primary_position = router.backend.primary_status(primary_row)
     nodes = [_primary_status(router.primary, primary_row, in_recovery, secrets)]
     for node in router.replicas:
-        row = results[node.name]
+        row = results.get(node.name)
+        if row is None:
+            continue  # joined since the queries were named
         weight = router.spread.weight(node)
         balanced = node.name in router.config.balanced_replicas
         if isinstance(row, BaseException):
@@ -219,8 +295,8 @@ def build_status(
             lag_bytes = backend.distance(probe.receive_lsn, probe.replay_lsn)
             if primary_position is not None and probe.replay_lsn is not None:
                 lag_bytes = backend.distance(primary_position, probe.replay_lsn)
-        state = router.health.states[node.name]
-        lag_seconds = _lag_seconds(state, lag_bytes, checked_at)
+        state = router.health.states.get(node.name)
+        lag_seconds = None if state is None else _lag_seconds(state, lag_bytes, checked_at)
         usable = router.health.usable(node.name)
         if lag_seconds is None and lag_bytes and probe is not None and probe.in_recovery:
             # Bytes waiting for a time one check cannot tell: the router's first check
@@ -246,7 +322,8 @@ def build_status(
                 balanced=balanced,
             )
         )
-    return ClusterStatus(router.sticky_mode.value, tuple(nodes))
+    discovery = router.discovery.status() if router.discovery is not None else None
+    return ClusterStatus(router.sticky_mode.value, tuple(nodes), discovery)
 
 
 def _lag_seconds(state: ReplicaState, lag_bytes: int | None, checked_at: float) -> float | None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from .backends import TOKEN_POSITIONS
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
     from .backends import Backend, Position
 
@@ -31,12 +31,14 @@ __all__ = [
     "StickyCodec",
     "StickyToken",
     "cluster_tag",
+    "database_tag",
     "later",
     "token_salt",
 ]
 
-# A real token is about 50 characters; anything much longer is not ours.
-MAX_COOKIE_LENGTH = 200
+# A real token is about 50 characters, and about 30 more for each further database
+# written (see "Several databases" in the README): room for ten.
+MAX_COOKIE_LENGTH = 400
 # App servers behind one load balancer disagree on the time a little, and stamps are
 # whole seconds: a cookie stamped up to this far in the future is still honoured.
 CLOCK_SKEW = 2.0
@@ -56,6 +58,11 @@ KEY_MISMATCH_WARNING = (
 
 # What a token says of a cluster it was not bound to: nothing (a time-mode token).
 _NO_CLUSTER = b"-"
+# A token of several databases starts with this, then one entry per database, each
+# ``<database tag>.<cluster>.<position, or "t">``, joined by it.
+_MANY = b"~"
+# The default database's tag in such a token.
+_DEFAULT_DATABASE = "-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +105,13 @@ def cluster_tag(identifier: str) -> str:
     return _encode(digest[:6]).decode("ascii")
 
 
+def database_tag(bind_key: str) -> str:
+    """What a token of several databases calls the database of ``bind_key``: 4
+    characters of a hash of the key (the default database is ``-``)."""
+    digest = hashlib.sha256(b"replicated.database\0" + bind_key.encode("utf-8")).digest()
+    return _encode(digest[:3]).decode("ascii")
+
+
 class StickyCodec:
     """Signs and checks consistency tokens with the app's secret key.
 
@@ -123,6 +137,13 @@ class StickyCodec:
 
     ``positions`` is the backend that writes and reads the position (by default
     PostgreSQL's: lower-case hex); the router sets its primary's.
+
+    ``database`` is ``database_tag()`` of the bind key whose database this codec's
+    router serves, None for the app's default database. An app routing several
+    databases has one codec each, with the same keys: a token then carries one entry
+    per database written (``dumps_many``), each bound to its own cluster, and each
+    codec reads its own entry. A token of the one-database shape is the default
+    database's, so tokens made before a second database was routed still hold.
     """
 
     def __init__(
@@ -150,18 +171,53 @@ class StickyCodec:
         self._check = functools.lru_cache(maxsize=_CHECKED_VALUES)(self._verify)
         self.positions = positions
         self.cluster: str | None = None
+        self.database: str | None = None
 
     def dumps(self, token: StickyToken, now: int | None = None) -> str:
         """The cookie value for ``token``, stamped with ``now`` (whole seconds since
         the epoch; default: the current time)."""
+        # ``_entry`` and ``_sign`` written out: every write's response makes one, and
+        # the two calls measured about a quarter of a time-mode token's cost.
+        cluster = self.cluster
+        if token.lsn is None or cluster is None:
+            payload = _NO_CLUSTER + b".t"
+        else:
+            payload = cluster.encode("ascii") + b"." + self._positions.dump_position(token.lsn)
+        if now is None:
+            now = int(time.time())
+        last = self._last
+        if last[0] == payload and last[1] == now:
+            return last[2]
+        body = payload + b"." + _encode(now.to_bytes(8, "big").lstrip(b"\0"))
+        value = (body + b"." + self._signature(body)).decode("ascii")
+        self._last = (payload, now, value)
+        return value
+
+    def dumps_many(
+        self, entries: Sequence[tuple[StickyCodec, StickyToken]], now: int | None = None
+    ) -> str:
+        """One value for the tokens of several databases, each with the codec of its
+        database (which tells its tag, cluster and positions), signed with this codec's
+        key. One entry of the default database alone is written as ``dumps`` writes it."""
+        if len(entries) == 1 and entries[0][0].database is None:
+            codec, token = entries[0]
+            return self._sign(codec._entry(token), now)
+        parts = [
+            (codec.database or _DEFAULT_DATABASE).encode("ascii") + b"." + codec._entry(token)
+            for codec, token in entries
+        ]
+        return self._sign(_MANY + _MANY.join(parts), now)
+
+    def _entry(self, token: StickyToken) -> bytes:
         cluster = self.cluster
         if token.lsn is None or cluster is None:
             # Without a cluster to bind it to, a position would be ignored everywhere:
             # the token then keeps its client on the primary for the sticky time.
-            payload = _NO_CLUSTER + b".t"
-        else:
-            position = self._positions.dump_position(token.lsn)
-            payload = cluster.encode("ascii") + b"." + position
+            return _NO_CLUSTER + b".t"
+        position = self._positions.dump_position(token.lsn)
+        return cluster.encode("ascii") + b"." + position
+
+    def _sign(self, payload: bytes, now: int | None) -> str:
         if now is None:
             now = int(time.time())
         last = self._last
@@ -173,13 +229,16 @@ class StickyCodec:
         return value
 
     def loads(self, value: str | None, max_age: float) -> StickyToken | None:
-        """The token in ``value`` if it is ours and younger than ``max_age`` seconds."""
+        """The token in ``value`` if it is ours and younger than ``max_age`` seconds
+        (of several databases: this codec's database's entry, None if it has none)."""
         if not value or len(value) > MAX_COOKIE_LENGTH:
             return None
         checked = self._check(value)
         if checked is None:
             return None
         signed_at, cluster, token = checked
+        if token is None:
+            return None
         if token.lsn is not None and cluster != self.cluster:
             # Another cluster's position means nothing here; while ours is not known
             # (no connection made yet), the primary is right for any position.
@@ -194,8 +253,18 @@ class StickyCodec:
             return None
         return token
 
-    def _verify(self, value: str) -> tuple[int, str, StickyToken] | None:
-        """The stamp, cluster tag and token of a value signed with our key, else None."""
+    def no_entry(self, value: str | None) -> bool:
+        """Whether ``value`` is a token signed with our key, of any age, that has no
+        entry for this codec's database (it tells only of other databases' writes)."""
+        if not value or len(value) > MAX_COOKIE_LENGTH:
+            return False
+        checked = self._check(value)
+        return checked is not None and checked[2] is None
+
+    def _verify(self, value: str) -> tuple[int, str, StickyToken | None] | None:
+        """The stamp, cluster tag and token of a value signed with our key, else None.
+
+        The token is None when the value has no entry for this codec's database."""
         try:
             raw = value.encode("utf-8")
             body, _, signature = raw.rpartition(b".")
@@ -211,6 +280,12 @@ class StickyCodec:
         if len(stamp_bytes) > 8:
             return None
         signed_at = int.from_bytes(stamp_bytes, "big")
+        if head.startswith(_MANY):
+            cluster, payload = self._own_entry(head)
+            if not payload:
+                return signed_at, "", None
+        elif self.database is not None:
+            return signed_at, "", None  # the one-database shape: the default database's
         tag = cluster.decode("ascii")  # signed, so ours: ASCII
         if payload == b"t":
             return signed_at, tag, _TIME_TOKEN
@@ -218,6 +293,17 @@ class StickyCodec:
         if position is None or cluster == _NO_CLUSTER:
             return None
         return signed_at, tag, StickyToken(lsn=position)
+
+    def _own_entry(self, head: bytes) -> tuple[bytes, bytes]:
+        # The cluster and payload of this codec's database in a token of several
+        # databases; empty when it has none.
+        own = (self.database or _DEFAULT_DATABASE).encode("ascii")
+        for entry in head[len(_MANY) :].split(_MANY):
+            database, _, rest = entry.partition(b".")
+            if database == own:
+                cluster, _, payload = rest.partition(b".")
+                return cluster, payload
+        return b"", b""
 
     @property
     def positions(self) -> Backend:
@@ -231,8 +317,9 @@ class StickyCodec:
         # "t", a stamp of up to 8 bytes and an HMAC-SHA1 (20 bytes), base64url without
         # padding. Only a value of this shape whose signature no key matches is
         # reported: anything else is not a token at all.
+        entry = r"(?:-|[A-Za-z0-9_-]{4})\.(?:-|[A-Za-z0-9_-]{8})\.[0-9A-Za-z_-]{1,32}"
         self._shape = re.compile(
-            rf"(?:-|[A-Za-z0-9_-]{{8}})\.(?:t|{backend.token_pattern})"
+            rf"(?:(?:-|[A-Za-z0-9_-]{{8}})\.(?:t|{backend.token_pattern})|~{entry}(?:~{entry})*)"
             r"\.[A-Za-z0-9_-]{2,11}\.[A-Za-z0-9_-]{27}"
         )
         self._check.cache_clear()  # values read with the previous backend's positions

@@ -27,7 +27,8 @@ T = TypeVar("T")
 
 
 class Spread:
-    """How one router's reads spread over its replicas; fixed at creation.
+    """How one router's reads spread over its replicas; the weights are fixed at
+    creation, and a replica found through DNS weighs 1.
 
     ``weights`` maps replica names to weights (a name missing weighs 1);
     ``least_lag`` keeps only the least lagging candidates, within ``tolerance``
@@ -42,17 +43,28 @@ class Spread:
         least_lag: bool = False,
         tolerance: float = 0.0,
     ) -> None:
-        self._weights = {node: float(weights.get(node.name, 1.0)) for node in replicas}
-        self._out = frozenset(node for node, weight in self._weights.items() if weight == 0)
-        positive = {weight for weight in self._weights.values() if weight > 0}
-        self._even = len(positive) <= 1
         self._least_lag = least_lag
         self._tolerance = tolerance
-        # Whether ``narrow`` may hand its input back as it is.
-        self._plain = self._even and not self._out and not least_lag
+        self._set({node: float(weights.get(node.name, 1.0)) for node in replicas})
         # The last views ``in_rotation`` was given, and its answer: the views of the
         # health registry change only when a replica's state does.
         self._rotation: tuple[Sequence[ReplicaView] | None, Sequence[ReplicaView]] = (None, ())
+
+    def _set(self, weights: dict[Node, float]) -> None:
+        self._weights = weights
+        self._out = frozenset(node for node, weight in weights.items() if weight == 0)
+        positive = {weight for weight in weights.values() if weight > 0}
+        self._even = len(positive) <= 1
+        # Whether ``narrow`` may hand its input back as it is.
+        self._plain = self._even and not self._out and not self._least_lag
+
+    def add(self, node: Node) -> None:
+        """Count ``node``, a replica that joined, at weight 1."""
+        self._set({**self._weights, node: 1.0})
+
+    def remove(self, node: Node) -> None:
+        """Forget ``node``, a replica that left."""
+        self._set({n: w for n, w in self._weights.items() if n is not node})
 
     def weight(self, node: Node) -> float:
         """The weight of ``node`` (1 for a node that is not one of the replicas)."""

@@ -4,10 +4,10 @@ its replicas (whichever is the leader is "not in recovery" and takes no reads), 
 by gunicorn (Flask, gthread) and hypercorn (Quart), 100 concurrent HTTP clients.
 
 Each scenario runs the load before, during and after a switchover (``patronictl``) or
-a failover (SIGKILL of the leader's postmaster), and reports what the clients saw in
-the terminal summary: failed reads (the target is 0), the window in which writes
-failed, and whether every write that answered success is on the new leader exactly
-once.
+a failover (SIGKILL of the leader's postmaster), and reports what the clients saw under
+"reliability figures" at the end of the run: failed reads (the target is 0), the
+window in which writes failed, and whether every write that answered success is on
+the new leader exactly once.
 """
 
 from __future__ import annotations
@@ -52,8 +52,6 @@ APP_CONFIG = {
     "REPLICATED_DEBUG_HEADER": DEBUG_HEADER,
     "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
 }
-
-FIGURES: list[str] = []
 
 
 @pytest.fixture(scope="module")
@@ -204,11 +202,12 @@ class Load:
         with httpx.Client(base_url=self.url, timeout=REQUEST_TIMEOUT) as client:
             while not self.stop.is_set() and time.monotonic() < deadline:
                 began = time.monotonic()
-                outcome = self._write(client) if writer else self._read(client)
-                outcome.began = began
+                outcomes = self._write(client) if writer else [self._read(client)]
+                for outcome in outcomes:
+                    outcome.began = outcome.began or began
                 with self._lock:
-                    self.outcomes.append(outcome)
-                if not outcome.ok:
+                    self.outcomes.extend(outcomes)
+                if not all(outcome.ok for outcome in outcomes):
                     time.sleep(0.05)  # a client retries, not hammers
 
     def _read(self, client: httpx.Client) -> Outcome:
@@ -223,17 +222,40 @@ class Load:
         node = response.headers.get(DEBUG_HEADER)
         return Outcome(now, "read", True, node, body["in_recovery"])
 
-    def _write(self, client: httpx.Client) -> Outcome:
+    def _write(self, client: httpx.Client) -> list[Outcome]:
+        # A POST, then (if it answered success) the writer's own GET of its row, with
+        # the sticky cookie the POST set: read-your-writes across the change.
         token = uuid.uuid4().hex
         try:
             response = client.post("/items", data={"token": token})
         except httpx.HTTPError as error:
             # No answer: whether it committed is unknown (not counted as a success).
-            return Outcome(time.monotonic(), "write", False, token=token, error=repr(error))
+            return [Outcome(time.monotonic(), "write", False, token=token, error=repr(error))]
         now = time.monotonic()
         if response.status_code != 201:
-            return Outcome(now, "write", False, token=token, error=f"{response.status_code}")
-        return Outcome(now, "write", True, token=token)
+            return [Outcome(now, "write", False, token=token, error=f"{response.status_code}")]
+        written = Outcome(now, "write", True, token=token)
+        began = time.monotonic()
+        try:
+            read = client.get(f"/items/{response.json()['id']}")
+        except httpx.HTTPError as error:
+            return [
+                written,
+                Outcome(
+                    time.monotonic(), "sticky", False, token=token, error=repr(error), began=began
+                ),
+            ]
+        sticky = Outcome(
+            time.monotonic(), "sticky", read.status_code in (200, 404), token=token, began=began
+        )
+        if read.status_code == 200:
+            sticky.node = read.headers.get(DEBUG_HEADER)
+            sticky.in_recovery = read.json()["in_recovery"]
+        elif read.status_code == 404:
+            sticky.error = "stale"  # the row its own write made was not there
+        else:
+            sticky.error = f"{read.status_code}"
+        return [written, sticky]
 
 
 def _run_through(
@@ -287,13 +309,23 @@ class Report:
     window: float  # seconds from the first failed write to the last
     lost: list[str]  # tokens answered with success but not on the new leader
     doubled: list[str]
+    sticky_reads: int  # writers' reads of their own rows
+    stale: list[Outcome]  # ... that missed a row the new leader has
+    failed_sticky: int
 
-    def line(self, name: str) -> str:
-        return (
-            f"{name}: {self.reads} reads, {len(self.failed_reads)} failed; "
-            f"{self.writes_ok} writes answered success, {len(self.failed_writes)} failed "
-            f"within {self.window:.1f} s; lost {len(self.lost)}, doubled {len(self.doubled)}"
-        )
+    def figures(self) -> dict[str, Any]:
+        return {
+            "reads": self.reads,
+            "failed reads": len(self.failed_reads),
+            "writes answered success": self.writes_ok,
+            "failed writes": len(self.failed_writes),
+            "within (s)": round(self.window, 1),
+            "lost": len(self.lost),
+            "doubled": len(self.doubled),
+            "writers' reads": self.sticky_reads,
+            "stale": len(self.stale),
+            "writers' reads failed": self.failed_sticky,
+        }
 
 
 def _report(cluster: Any, outcomes: list[Outcome]) -> Report:
@@ -307,6 +339,7 @@ def _report(cluster: Any, outcomes: list[Outcome]) -> Report:
     )
     succeeded = [o.token for o in writes if o.ok and o.token is not None]
     counts = _rows(cluster, succeeded)
+    sticky = [o for o in outcomes if o.kind == "sticky"]
     return Report(
         reads=len(reads),
         failed_reads=[o for o in reads if not o.ok],
@@ -315,6 +348,10 @@ def _report(cluster: Any, outcomes: list[Outcome]) -> Report:
         window=window,
         lost=[t for t in succeeded if counts.get(t, 0) == 0],
         doubled=[t for t in succeeded if counts.get(t, 0) > 1],
+        sticky_reads=len(sticky),
+        # A write PostgreSQL lost cannot be read back; any other miss is a stale read.
+        stale=[o for o in sticky if o.error == "stale" and counts.get(o.token or "", 0) > 0],
+        failed_sticky=len([o for o in sticky if not o.ok]),
     )
 
 
@@ -350,7 +387,9 @@ def _failover(cluster: Any) -> Callable[[], Any]:
 
 @pytest.mark.parametrize("adapter", ["flask", "quart"])
 @pytest.mark.parametrize("event", ["switchover", "failover"])
-def test_primary_changes_under_load(ha: Any, adapter: str, event: str, tmp_path: Path) -> None:
+def test_primary_changes_under_load(
+    ha: Any, adapter: str, event: str, tmp_path: Path, reliability: Any
+) -> None:
     """Reads by clients that are not sticky keep being served; writes fail only while
     there is no leader, and resume by themselves; no write that answered success is
     doubled, and (asynchronous replication) what was lost is reported; the promoted
@@ -371,11 +410,12 @@ def test_primary_changes_under_load(ha: Any, adapter: str, event: str, tmp_path:
             for future in futures:
                 future.result()
     report = _report(ha, outcomes)
-    FIGURES.append(
-        report.line(f"{adapter} {event} {old.name}->{new}")
-        + f"; the change took {ended - started:.1f} s"
+    reliability(
+        f"HA, {adapter}, {event} {old.name}->{new}",
+        {**report.figures(), "the change took (s)": round(ended - started, 1)},
     )
     assert report.doubled == []
+    assert report.stale == [], report.stale[:3]
     assert report.failed_reads == [], (report.failed_reads[:3], _exceptions(_LOGS[adapter]))
     assert report.writes_ok > 0
     assert all(o.at >= started - 1 for o in report.failed_writes), "writes failed before"
@@ -390,15 +430,18 @@ def test_primary_changes_under_load(ha: Any, adapter: str, event: str, tmp_path:
     assert old.name in {o.node for o in late_reads}, "the old leader took no reads"
 
 
-def test_no_write_is_lost_with_synchronous_mode(ha_sync: Any, tmp_path: Path) -> None:
+def test_no_write_is_lost_with_synchronous_mode(
+    ha_sync: Any, tmp_path: Path, reliability: Any
+) -> None:
     """Patroni's synchronous_mode on: a failover promotes the synchronous standby, so
     every write that answered success is on the new leader, exactly once."""
     with _server(ha_sync, "flask", tmp_path) as url:
         outcomes, _, ended, new = _run_through(ha_sync, url, _failover(ha_sync))
     report = _report(ha_sync, outcomes)
-    FIGURES.append(report.line(f"flask failover, synchronous_mode on, ->{new}"))
+    reliability(f"HA, flask, failover with synchronous_mode ->{new}", report.figures())
     assert report.lost == []
     assert report.doubled == []
+    assert report.stale == [], report.stale[:3]
     assert report.failed_reads == [], report.failed_reads[:5]
     assert any(o.ok and o.at > ended for o in outcomes if o.kind == "write"), "no recovery"
     ha_sync.wait_for_replicas(len(ha_sync.nodes) - 1)
@@ -425,7 +468,7 @@ PAIR_CLIENTS = 10
 
 
 @pytest.mark.parametrize("adapter", ["flask", "quart"])
-def test_through_pgbouncer(ha: Any, adapter: str, tmp_path: Path) -> None:
+def test_through_pgbouncer(ha: Any, adapter: str, tmp_path: Path, reliability: Any) -> None:
     """PgBouncer (transaction pooling) in front of the primary and each replica:
     reads on replicas and writes on the primary, a writer's next read sees its write
     (cookie and token header: positions and tokens hold), and a GET that writes is
@@ -490,9 +533,9 @@ def test_through_pgbouncer(ha: Any, adapter: str, tmp_path: Path) -> None:
                 roles[n.name] == ("replica", True, True) for n in ha.nodes if n.name != leader
             ), roles
             assert status["healthy"] is True
-    FIGURES.append(
-        f"{adapter} through PgBouncer: {total} POST/GET pairs, {stale} stale, "
-        f"{replica_reads} read on a replica"
+    reliability(
+        f"HA, {adapter} through PgBouncer",
+        {"POST/GET pairs": total, "stale": stale, "read on a replica": replica_reads},
     )
     assert total == PAIR_CLIENTS * PAIRS
     assert stale == 0
@@ -523,13 +566,3 @@ def _status(cluster: Any, urls: dict[str, str], config: dict[str, Any]) -> Any:
     assert cluster.password not in output
     assert result.returncode in (0, 1), output
     return json.loads(result.stdout)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _print_figures(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and FIGURES:
-        reporter.write_sep("-", "HA scenarios")
-        for line in FIGURES:
-            reporter.write_line(line)

@@ -73,6 +73,8 @@ CELERY_JOBS = ("Read-your-writes for API clients and jobs", 1)
 PROMETHEUS_EXAMPLE = ("Prometheus metrics", 1)
 MULTIPROCESS_EXAMPLE = ("Prometheus metrics", 2)
 MULTIPROCESS_GUNICORN_CONF = ("Prometheus metrics", 3)
+DISCOVERY_CONFIG = ("Replicas discovered through DNS", 1)
+SEVERAL_DATABASES = ("Several databases", 1)
 BALANCED_EXAMPLE = ("Replicas behind one address", 1)
 TESTED = {
     FLASK_QUICKSTART,
@@ -82,6 +84,8 @@ TESTED = {
     PROMETHEUS_EXAMPLE,
     MULTIPROCESS_EXAMPLE,
     MULTIPROCESS_GUNICORN_CONF,
+    DISCOVERY_CONFIG,
+    SEVERAL_DATABASES,
     BALANCED_EXAMPLE,
 }
 
@@ -174,6 +178,40 @@ def test_flask_quickstart(pg_cluster, no_item_table, load_snippet):
             engine.dispose()
 
 
+def test_several_databases_example(pg_cluster, load_snippet, monkeypatch):
+    """The example's GET reads both databases from their replicas ('users' is the
+    database 'second' of the cluster, made here if missing)."""
+    if not pg_cluster.execute(
+        pg_cluster.primary, "SELECT 1 FROM pg_database WHERE datname = 'second'"
+    ):
+        pg_cluster.execute(pg_cluster.primary, "CREATE DATABASE second")
+    monkeypatch.setenv("USERS_PRIMARY_URL", pg_cluster.primary.url("psycopg", database="second"))
+    replica = pg_cluster.replica("replica")
+    monkeypatch.setenv("USERS_REPLICA_URL", replica.url("psycopg", database="second"))
+    module = load_snippet(SEVERAL_DATABASES, "psycopg", replica="replica")
+    app, db = module.app, module.db
+    rep = app.extensions["replicated"]
+    try:
+        with app.app_context():
+            db.create_all()  # outside a request: each on its primary
+        pg_cluster.wait_for_replay()
+        assert app.test_client().get("/page").json == {"items": 0, "users": 0}
+        decisions = {key: r.metrics() for key, r in rep.databases(app).routers.items()}
+        assert {key: m.get("requests_to_replica", 0) for key, m in decisions.items()} == {
+            None: 1,
+            "users": 1,
+        }
+    finally:
+        with app.app_context():
+            db.drop_all()
+        for router in rep.databases(app):
+            router.close()
+            for node in (router.primary, *router.replicas):
+                node.engine.dispose()
+        for engine in db._app_engines[app].values():
+            engine.dispose()
+
+
 def test_quart_quickstart_and_its_cli_command(pg_cluster, no_item_table, load_snippet):
     """POST /items, GET /items/1 by the same client, then the 'count' command."""
     module = load_snippet(QUART_CLI_COMMAND, "asyncpg")
@@ -192,6 +230,24 @@ def test_quart_quickstart_and_its_cli_command(pg_cluster, no_item_table, load_sn
     assert _rows(pg_cluster, pg_cluster.primary, "SELECT name FROM item") == ["x"]
     result = app.test_cli_runner().invoke(args=["count"])
     assert (result.exit_code, result.output) == (0, "1\n"), result.output
+
+
+def test_the_discovery_config_is_valid():
+    """The README's REPLICATED_REPLICA_DISCOVERY block loads as it says."""
+    from flask import Flask
+
+    from replicated_core.config import load_config
+
+    namespace = {"app": Flask("readme")}
+    exec(_source(DISCOVERY_CONFIG), namespace)
+    spec = load_config(namespace["app"].config).discovery
+    assert spec is not None
+    assert (spec.name, spec.url.port, spec.record.value, spec.interval) == (
+        "replicas.db.internal",
+        5432,
+        "A",
+        30.0,
+    )
 
 
 def test_the_celery_example_is_what_the_celery_test_runs():

@@ -349,8 +349,13 @@ async def test_quart_a_job_after_a_token_the_delayed_replica_lacks_reads_the_pri
     name = f"quart-not-replayed-{time.time()}"
     async with quart_app.test_app():
         token = await _quart_write(quart_app, name)
-        node, names = await _quart_job(quart_app, token)  # well within the 500 ms delay
-        assert (node, name in names) == ("primary", True)
+        written = time.monotonic()
+        node, names = await _quart_job(quart_app, token)
+        # Within the 500 ms delay, 'lagging' lacks the write: the primary serves it. On
+        # a machine so busy that the job ran later, 'lagging' may have replayed it.
+        late = time.monotonic() - written > 0.4
+        assert name in names
+        assert node == "primary" or (late and node == "lagging"), node
         node, _ = await _quart_job(quart_app, _forged(quart_app, FAR))  # never replayed
     assert node == "primary"
 

@@ -42,6 +42,7 @@ __all__ = [
     "ReplicaSpec",
     "StopMode",
     "find_bindir",
+    "free_port",
 ]
 
 SUPERUSER = "postgres"
@@ -79,13 +80,13 @@ jit = off
 include_if_exists = 'node.conf'
 """
 
-_PG_HBA = f"""\
+_PG_HBA = """\
 # Written by replicated_core.testing.pgcluster: a password is required everywhere.
 # TYPE  DATABASE     USER  ADDRESS          METHOD
 local   all          all                    scram-sha-256
 local   replication  all                    scram-sha-256
-host    all          all   {HOST}/32     scram-sha-256
-host    replication  all   {HOST}/32     scram-sha-256
+host    all          all   127.0.0.0/8      scram-sha-256
+host    replication  all   127.0.0.0/8      scram-sha-256
 """
 
 _port_lock = threading.Lock()
@@ -110,10 +111,15 @@ class StopMode(StrEnum):
 
 @dataclass(frozen=True)
 class ReplicaSpec:
-    """One streaming replica: its name and how long it waits before applying commits."""
+    """One streaming replica: its name, how long it waits before applying commits, and
+    where it listens: ``host``, a loopback address (127.0.0.2 too reaches this machine
+    on Linux), and ``port`` (None: a free one). Replicas on different addresses may
+    share a port, as servers behind one DNS name with several A records do."""
 
     name: str
     apply_delay_ms: int = 0
+    host: str = "127.0.0.1"
+    port: int | None = None
 
     def __post_init__(self) -> None:
         if not _NAME_PATTERN.fullmatch(self.name) or self.name == NodeRole.PRIMARY:
@@ -174,6 +180,12 @@ def _free_port() -> int:
             if port not in _ports_handed_out:
                 _ports_handed_out.add(port)
                 return port
+
+
+def free_port() -> int:
+    """A free loopback port, for replicas that share one on different addresses
+    (``ReplicaSpec(host="127.0.0.2", port=port)``)."""
+    return _free_port()
 
 
 def _conf_string(value: str) -> str:
@@ -286,6 +298,8 @@ class PgNode:
     datadir: Path
     role: NodeRole
     apply_delay_ms: int = 0
+    host: str = HOST
+    fixed_port: bool = False
     _runtime: _Runtime = field(repr=False, kw_only=True)
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, init=False)
     _paused: list[int] = field(default_factory=list, repr=False, init=False)
@@ -303,7 +317,7 @@ class PgNode:
         """Return a URL for SQLAlchemy (``driver`` "psycopg" or "asyncpg") or libpq ("")."""
         scheme = f"postgresql+{driver}" if driver else "postgresql"
         password = quote(self._runtime.password, safe="")
-        return f"{scheme}://{SUPERUSER}:{password}@{HOST}:{self.port}/{database}"
+        return f"{scheme}://{SUPERUSER}:{password}@{self.host}:{self.port}/{database}"
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -373,7 +387,7 @@ class PgNode:
         import psycopg
 
         return psycopg.connect(
-            host=HOST,
+            host=self.host,
             port=self.port,
             user=SUPERUSER,
             password=self._runtime.password,
@@ -402,6 +416,7 @@ class PgNode:
         lines = [
             "# This node's own settings, written by replicated_core.testing.pgcluster.",
             f"port = {self.port}",
+            f"listen_addresses = {_conf_string(self.host)}",
             f"unix_socket_directories = {_conf_string(str(self.node_dir))}",
             f"cluster_name = {_conf_string(self.name)}",
         ]
@@ -469,7 +484,7 @@ class PgNode:
             try:
                 self._spawn()
             except _PortInUseError:
-                if not retry_port or attempt == _PORT_ATTEMPTS - 1:
+                if not retry_port or self.fixed_port or attempt == _PORT_ATTEMPTS - 1:
                     raise PgClusterError(
                         f"The PostgreSQL node '{self.name}' could not listen on port {self.port},"
                         " which another process took. Stop that process or start a new cluster."
@@ -587,20 +602,30 @@ class PgCluster:
         base_dir.mkdir(parents=True, exist_ok=True)
         runtime.give(base_dir)
 
-        def node(name: str, role: NodeRole, apply_delay_ms: int = 0) -> PgNode:
+        def node(
+            name: str,
+            role: NodeRole,
+            apply_delay_ms: int = 0,
+            host: str = HOST,
+            port: int | None = None,
+        ) -> PgNode:
             return PgNode(
                 name=name,
-                port=_free_port(),
+                port=_free_port() if port is None else port,
                 datadir=base_dir / name / "data",
                 role=role,
                 apply_delay_ms=apply_delay_ms,
+                host=host,
+                fixed_port=port is not None,
                 _runtime=runtime,
             )
 
         cluster = cls(
             base_dir=base_dir,
             primary=node(NodeRole.PRIMARY.value, NodeRole.PRIMARY),
-            replicas=[node(s.name, NodeRole.REPLICA, s.apply_delay_ms) for s in replicas],
+            replicas=[
+                node(s.name, NodeRole.REPLICA, s.apply_delay_ms, s.host, s.port) for s in replicas
+            ],
             _runtime=runtime,
         )
         try:

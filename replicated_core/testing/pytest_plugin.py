@@ -23,6 +23,7 @@ import pytest
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
+    from replicated_core.testing.dnsserver import DnsServer
     from replicated_core.testing.hacluster import HaCluster
     from replicated_core.testing.haproxy import BalancedAddress
     from replicated_core.testing.pgcluster import PgCluster, PgNode, ReplicaSpec
@@ -31,7 +32,13 @@ if TYPE_CHECKING:
     BalancerFactory = Callable[[Sequence[PgNode]], BalancedAddress]
     HaClusterFactory = Callable[..., HaCluster]
 
-__all__ = ["ha_cluster_factory", "haproxy_factory", "pg_cluster", "pg_cluster_factory"]
+__all__ = [
+    "dns_server",
+    "ha_cluster_factory",
+    "haproxy_factory",
+    "pg_cluster",
+    "pg_cluster_factory",
+]
 
 REQUIRE_POSTGRES_ENV = "REPLICATED_REQUIRE_POSTGRES"
 
@@ -197,3 +204,38 @@ def haproxy_factory() -> Iterator[BalancerFactory]:
         for balancer in running:
             balancer.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def dns_server(tmp_path: Path) -> Iterator[DnsServer]:
+    """A DNS server (dnsmasq) on a free loopback port with no records, stopped at the
+    end of the test: ``dns_server.set_a("replicas.test", ["127.0.0.2"])``.
+
+    Skips the test where dnsmasq or dnspython is missing (fails it with
+    ``REPLICATED_REQUIRE_POSTGRES=1``, as for the PostgreSQL fixtures).
+    """
+    from replicated_core.testing.dnsserver import DnsServer, find_dnsmasq
+
+    reason = ""
+    try:
+        import dns.resolver  # noqa: F401  (what the server's answers are checked with)
+    except ImportError:
+        reason = (
+            "The DNS server fixture needs dnspython, which is not installed. Install it"
+            " ('pip install \"replicated-router[discovery]\"')."
+        )
+    binary = find_dnsmasq()
+    if binary is None:
+        reason = (
+            "dnsmasq was not found, which the DNS server fixture runs. Install it"
+            " (Debian: 'apt-get install dnsmasq-base')."
+        )
+    if reason:
+        if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":
+            pytest.fail(f"{reason} {REQUIRE_POSTGRES_ENV}=1 is set.", pytrace=False)
+        pytest.skip(reason)
+    server = DnsServer.start_in(tmp_path / "dns", binary)
+    try:
+        yield server
+    finally:
+        server.stop()
