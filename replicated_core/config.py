@@ -8,6 +8,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from sqlalchemy.engine import URL, make_url
 
@@ -250,6 +251,7 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
             value["REPLICATED_REPLICA_WEIGHTS"],
             [spec.name for spec in replicas] if replicas else list(replica_binds),
             {key: [spec.name for spec in specs] for key, specs in bind_replicas.items()},
+            discovery=discovery is not None,
         ),
         prefer_least_lag=_bool("REPLICATED_PREFER_LEAST_LAG", value),
         discovery=discovery,
@@ -274,15 +276,23 @@ def options_to_settings(options: Mapping[str, object]) -> dict[str, object]:
 
 
 _HIDDEN = "a value not shown (it may hold a password)"
+_MASKED = "'***'"
+# A key naming a secret: libpq's password, passfile, sslpassword, sslkey; passwd (MySQL).
+_SECRET_KEY = re.compile(r"pass|pwd|secret|token|key|auth|cred", re.IGNORECASE)
 
 
-def _shown(value: object) -> str:
+def _shown(value: object, *, masked: bool = False) -> str:
     """``repr(value)`` for an error message, with no password in it.
 
     A value in the wrong key is often a URL (``REPLICATED_REPLICA_BINDS =
     "postgresql://app:secret@..."``) and error messages end up in logs: a URL is shown
-    with its password hidden, and a text that may hold one anyway is not shown.
+    with its password hidden, and a text that may hold one anyway is not shown. In a
+    dict (or a ``(name, value)`` pair) the names are shown and no text is, at any depth
+    (``masked``): any text there may be a password (``{"connect_args": {"pw": ...}}``),
+    and nothing is shown under a name such as 'password'.
     """
+    if isinstance(value, str | URL) and masked:
+        return _MASKED
     if isinstance(value, str):
         shown = value
         if "://" in value:
@@ -294,15 +304,32 @@ def _shown(value: object) -> str:
         return _HIDDEN if "password" in shown.lower() else repr(shown)
     if isinstance(value, URL):
         return _shown(value.render_as_string(hide_password=True))
+    if _is_pair(value):
+        return f"({_shown_pair(value[0], value[1], ', ')})"
     if isinstance(value, list | tuple):
-        items = ", ".join(_shown(item) for item in value)
+        items = ", ".join(_shown(item, masked=masked) for item in value)
         return f"[{items}]" if isinstance(value, list) else f"({items})"
     if isinstance(value, Mapping):
-        pairs = ", ".join(f"{_shown(k)}: {_shown(v)}" for k, v in value.items())
-        return "{" + pairs + "}"
+        return "{" + ", ".join(_shown_pair(k, v) for k, v in value.items()) + "}"
     if isinstance(value, int | float | bool | None):
         return repr(value)
     return f"a {type(value).__name__}"
+
+
+def _is_pair(value: object) -> TypeGuard[tuple[str, object]]:
+    # ("connect_args", {...}): an item of a list given where a dict was expected.
+    return isinstance(value, tuple) and len(value) == 2 and _is_name(value[0])
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and value.isidentifier()
+
+
+def _shown_pair(name: object, value: object, between: str = ": ") -> str:
+    shown_name = repr(name) if _is_name(name) else _shown(name)
+    if isinstance(name, str) and _SECRET_KEY.search(name):
+        return f"{shown_name}{between}{_MASKED}"
+    return f"{shown_name}{between}{_shown(value, masked=True)}"
 
 
 def _looks_like_url(value: object) -> bool:
@@ -535,10 +562,15 @@ def _finite(value: object) -> float | None:
 
 
 def _weights(
-    value: object, names: list[str], others: Mapping[str, list[str]] | None = None
+    value: object,
+    names: list[str],
+    others: Mapping[str, list[str]] | None = None,
+    *,
+    discovery: bool = False,
 ) -> dict[str, float]:
-    # ``names``: the default database's replicas, by bind name or by their name in
-    # REPLICATED_REPLICAS; ``others``: those of each further database, by bind key.
+    # ``names``: the default database's fixed replicas, by bind name or by their name in
+    # REPLICATED_REPLICAS; ``others``: those of each further database, by bind key;
+    # ``discovery``: the default database has discovered replicas too, which weigh 1.
     key = "REPLICATED_REPLICA_WEIGHTS"
     if value is None:
         return {}
@@ -563,6 +595,8 @@ def _weights(
             )
         weights[name] = number
     for database, group in databases.items():
+        if database == "" and discovery:
+            continue
         if all(weights.get(name, 1.0) == 0 for name in group):
             which = f" of the database '{database}'" if database else ""
             raise ConfigError(

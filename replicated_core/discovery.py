@@ -107,17 +107,18 @@ class Discovery:
         self.clock = clock
         self._nodes: dict[str, Node] = {}  # the discovered replicas, by name
         self._leaving: list[_Leaving] = []  # those that left and are not disposed of yet
-        self.after_fork()
-        self.resolutions = 0
-        self.failures = 0
         self._resolved_at: float | None = None
         self._error: str | None = None
+        self.after_fork()
 
     def after_fork(self) -> None:
         """Forget the parent's resolution in flight and its lock (a fork's child);
-        the replicas still draining there are the parent's to close."""
+        the replicas still draining there are the parent's to close. The counters
+        start at 0, as the router's do: the processes' counts are summed."""
         self._lock = threading.Lock()
         self._resolving = False
+        self.resolutions = 0
+        self.failures = 0
         self._next = 0.0
         self._random = random.Random()
         for leaving in self._leaving:
@@ -264,16 +265,26 @@ class Discovery:
         first = self._error is None
         self._error = describe_error(error)
         if first:
+            again = f"it is tried again every {self.spec.interval:g} s, and this is logged once"
+            if self._nodes:
+                meanwhile = (
+                    f"The {len(self._nodes)} replicas found before keep serving reads; "
+                    f"{again} until it resolves again."
+                )
+            else:
+                # No resolution has worked yet (at start-up): none to keep.
+                where = "the fixed replicas" if self.router.replicas else "the primary"
+                meanwhile = (
+                    f"No replica has been found yet: reads go to {where} until the name "
+                    f"resolves; {again} until it resolves."
+                )
             logger.warning(
-                "Could not resolve the replicas of '%s' (%s records of '%s'): %s. The %d "
-                "replicas found before keep serving reads; it is tried again every %g s, "
-                "and this is logged once until it resolves again.",
+                "Could not resolve the replicas of '%s' (%s records of '%s'): %s. %s",
                 _KEY,
                 self.spec.record.value,
                 self.spec.name,
-                self._error,
-                len(self._nodes),
-                self.spec.interval,
+                self._error.rstrip("."),
+                meanwhile,
                 extra={"node": None, "reason": "discovery_failed", "database": self._database},
             )
 

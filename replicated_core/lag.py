@@ -43,6 +43,8 @@ class LagClock:
         waiting, replay, receive = self.waiting, probe.replay_lsn, probe.receive_lsn
         if replay is None or receive is None:
             return probe.lag_seconds
+        if waiting and not (replay >= waiting[0][0] or waiting[0][0] >= replay):
+            waiting.clear()  # another history (a new timeline): what waited is moot
         while waiting and replay >= waiting[0][0]:
             waiting.popleft()
         newly_received = not waiting or not waiting[-1][0] >= receive

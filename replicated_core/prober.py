@@ -308,6 +308,12 @@ class TaskProber:
         self._checks: set[asyncio.Task[None]] = set()
         self._first: set[asyncio.Task[None]] = set()
 
+    @property
+    def running(self) -> bool:
+        """Whether the prober's task runs (in whichever loop)."""
+        task = self._task
+        return task is not None and not task.done()
+
     def running_in(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether the prober runs in ``loop``."""
         task = self._task

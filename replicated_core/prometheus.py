@@ -114,7 +114,8 @@ class ReplicatedCollector(Collector):
             ),
             "up": GaugeMetricFamily(
                 "replicated_replica_up",
-                "1 if the replica answered its last check and is not marked down.",
+                "1 if the replica answered its last check and is not marked down (not"
+                " reported while this process checks no replica: idle, or not started).",
                 labels=node_labels,
             ),
             "usable": GaugeMetricFamily(
@@ -196,16 +197,23 @@ def _add_replicas(router: Router, base: list[str], gauges: dict[str, GaugeMetric
         for position in (probe.receive_lsn, probe.replay_lsn):
             if position is not None and (furthest is None or not furthest >= position):
                 furthest = position
+    # A process that serves no request stops checking after a while: what it knows of
+    # its replicas is then of its last check, maybe long ago, and it reports none of
+    # it (a replica that went down meanwhile must not read as up).
+    prober = router.prober
+    checking = not health.probing or (prober is not None and prober.running)
     for state in states:
         node = state.node
         labels = [*base, node.name]
+        gauges["weight"].add_metric(labels, router.spread.weight(node))
+        if not checking:
+            continue
         probe = state.probe
         down = now < state.down_until or state.down_since is not None
         answered = probe is not None or not health.probing
         up = answered and not down and state.overdue_since is None
         gauges["up"].add_metric(labels, 1.0 if up else 0.0)
         gauges["usable"].add_metric(labels, 1.0 if health.usable(node.name) else 0.0)
-        gauges["weight"].add_metric(labels, router.spread.weight(node))
         if probe is None:
             continue  # nothing known of its replay: no lag to report
         gauges["lag_seconds"].add_metric(labels, state.lag_seconds)

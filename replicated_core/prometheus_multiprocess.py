@@ -5,7 +5,7 @@ every second or so, and a scrape of any worker merges every worker's files.
 A custom collector's values live in the memory of the process that has them, so
 ``register()`` of ``prometheus`` reports only the worker that answers a scrape.
 ``register_multiprocess()`` instead keeps, in each process, prometheus_client metrics of
-the same names, labels and help (counters, gauges with ``livemax``, the catch-up
+the same names, labels and help (counters, gauges with ``livemostrecent``, the catch-up
 histogram), and sets them from ``ReplicatedCollector`` in a daemon thread. The scrape
 side is prometheus_client's own ``MultiProcessCollector``.
 """
@@ -43,8 +43,9 @@ class MultiprocessMirror:
     process, which write to the multiprocess files.
 
     ``sync()`` copies once: counters by how much they grew since the last copy,
-    gauges as they are now (merged across workers by their maximum, over live ones),
-    and each catch-up wait observed since. ``start()`` runs it every ``interval``
+    gauges as they are now (merged across workers by the value a live one set last: an
+    idle worker checks no replica and sets none), and each catch-up wait observed
+    since. ``start()`` runs it every ``interval``
     seconds in a daemon thread; after a fork, the child starts its own.
     """
 
@@ -68,8 +69,7 @@ class MultiprocessMirror:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Copy now, then every ``interval`` seconds in a daemon thread."""
-        self.sync()
+        """Copy now and then every ``interval`` seconds, in a daemon thread."""
         thread = threading.Thread(target=self._run, name="replicated-metrics", daemon=True)
         self._thread = thread
         thread.start()
@@ -80,9 +80,20 @@ class MultiprocessMirror:
         if self._thread is not None:
             self._thread.join(self.interval + 1.0)
 
+    def before_fork(self) -> None:
+        """Right before a fork: wait for a copy in progress, and hold off the next until
+        the fork is done. prometheus_client's multiprocess values share one lock, which
+        nothing resets in a child: forked while this thread held it, the child would
+        wait for it forever."""
+        self._lock.acquire()
+
+    def after_fork_in_parent(self) -> None:
+        self._lock.release()
+
     def after_fork(self) -> None:
         """In a child right after a fork: the parent's thread is not here, and its
-        routers' counters start from 0 again; copy afresh from a thread of our own."""
+        routers' counters start from 0 again; copy afresh from a thread of our own
+        (not here: nothing in an at-fork handler may wait)."""
         running = self._thread is not None and not self._stop.is_set()
         self._reset()
         for router in self._routers():
@@ -136,8 +147,14 @@ class MultiprocessMirror:
             if kind == "counter":
                 metric = Counter(name, documentation, labels, registry=None)
             else:
+                # The value set last by a live worker: one checks its replicas while
+                # it serves requests, and writes nothing while idle (see prometheus).
                 metric = Gauge(
-                    name, documentation, labels, registry=None, multiprocess_mode="livemax"
+                    name,
+                    documentation,
+                    labels,
+                    registry=None,
+                    multiprocess_mode="livemostrecent",
                 )
             self._metrics[name] = metric
         return metric
@@ -154,11 +171,13 @@ class MultiprocessMirror:
         return self._histogram
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while True:
             try:
                 self.sync()
             except Exception:
                 logger.exception("Could not copy the router metrics to the multiprocess files.")
+            if self._stop.wait(self.interval):
+                return
 
 
 _MIRROR: MultiprocessMirror | None = None
@@ -186,6 +205,16 @@ def register_multiprocess(interval: float = 1.0) -> MultiprocessMirror:
     return _MIRROR
 
 
+def _before_fork() -> None:
+    if _MIRROR is not None:
+        _MIRROR.before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    if _MIRROR is not None:
+        _MIRROR.after_fork_in_parent()
+
+
 def _after_fork_in_child() -> None:
     if _MIRROR is not None:
         _MIRROR.after_fork()
@@ -194,4 +223,8 @@ def _after_fork_in_child() -> None:
 # Registered after the router module's own handler (imported above), so the routers
 # have their fresh counters when the child's mirror starts.
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )

@@ -330,6 +330,23 @@ class ServerProcess:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
 
+    def wait_until_answering(self, url: str, timeout: float = 60.0) -> None:
+        """Until a GET of ``url`` answers 200 (the server is up), at most ``timeout``
+        seconds; raise, with the log's tail, if the server exits or times out."""
+        import httpx  # the servers' tests only
+
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_running()
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"'{url}' did not answer in time; the log:\n{self.log_tail()}")
+            time.sleep(0.1)
+
     def check_running(self) -> None:
         """Raise, with the log's tail, if the server has exited."""
         if self.process.poll() is not None:

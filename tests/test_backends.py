@@ -14,7 +14,7 @@ from replicated_core.backends import (
     backend_for,
     classify_driver_error,
 )
-from replicated_core.backends.postgresql import PostgreSQL, format_lsn, parse_lsn
+from replicated_core.backends.postgresql import PostgreSQL, WalPosition, format_lsn, parse_lsn
 from replicated_core.backends.sqlite import NoPositions
 
 PG = backend_for("postgresql")
@@ -50,9 +50,10 @@ def test_postgresql_reads_the_primary_position_after_a_commit(pg_cluster):
         assert conn.info.transaction_status is psycopg.pq.TransactionStatus.IDLE
         assert conn.autocommit is False
     after = parse_lsn(_server_lsn(pg_cluster, pg_cluster.primary, "pg_current_wal_insert_lsn"))
-    assert position is not None
+    assert isinstance(position, WalPosition)
     assert after is not None
-    assert after >= position > 0
+    assert after >= position.lsn > 0
+    assert position.timeline == 1  # a cluster that never failed over
 
 
 def test_postgresql_positions_round_trip_through_the_token_and_the_server(pg_cluster):
@@ -64,7 +65,42 @@ def test_postgresql_positions_round_trip_through_the_token_and_the_server(pg_clu
     assert PG.load_position(payload) == position
 
 
-@pytest.mark.parametrize("payload", [b"", b"t", b"1" * 17, b"ABC", b"-1", b"0x10", b"1.2"])
+def test_a_position_covers_another_only_on_its_timeline():
+    """A replica's position covers a token's on the token's timeline, or when the token
+    names none (made before timelines were written); one of unknown timeline covers
+    no token of a known one. A failover's new timeline reuses the old one's bytes."""
+    on_1, on_2 = WalPosition(100, 1), WalPosition(100, 2)
+    assert WalPosition(150, 1) >= on_1
+    assert not WalPosition(50, 1) >= on_1
+    assert not WalPosition(150, 2) >= on_1  # a higher byte of another history
+    assert not on_1 >= on_2
+    assert WalPosition(150, 2) >= 100  # an old token: the bytes decide
+    assert not WalPosition(150) >= on_1  # the replica's history is not known
+    assert not on_1 <= 150  # the same, the int on the left
+    assert PG.load_position(PG.dump_position(WalPosition(0x16B374D848, 3))) == WalPosition(
+        0x16B374D848, 3
+    )
+    assert PG.dump_position(WalPosition(0x16B374D848, 3)) == b"16b374d848g3"
+    assert PG.load_position(b"16b374d848") == 0x16B374D848  # a token of before
+    assert PG.format_position(WalPosition(0x16B374D848, 3)) == "16/B374D848 (timeline 3)"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"t",
+        b"1" * 17,
+        b"ABC",
+        b"-1",
+        b"0x10",
+        b"1.2",
+        b"10g",
+        b"g1",
+        b"10g1g2",
+        b"10g" + b"1" * 9,
+    ],
+)
 def test_postgresql_refuses_what_is_not_a_token_position(payload):
     assert PG.load_position(payload) is None
 
@@ -89,7 +125,9 @@ def test_postgresql_probes_a_replica_that_has_replayed_the_primary(pg_cluster):
     assert probe.in_recovery is in_recovery is True
     assert probe.replay_lsn >= flushed
     assert probe.receive_lsn >= probe.replay_lsn
-    assert PG.distance(probe.receive_lsn, probe.replay_lsn) == probe.receive_lsn - probe.replay_lsn
+    assert probe.replay_lsn.timeline == 1  # the timeline its WAL receiver streams
+    received, replayed = probe.receive_lsn.lsn, probe.replay_lsn.lsn
+    assert PG.distance(probe.receive_lsn, probe.replay_lsn) == received - replayed
     assert PG.distance(flushed, probe.replay_lsn) == 0
 
 
@@ -228,3 +266,18 @@ def test_sqlite_errors_mean_nothing_to_the_router(tmp_path, sqlite_engine):
     params: dict[str, object] = {}
     backend.bound_connect("pysqlite", params, 1.0)
     assert params == {}
+
+
+def test_the_catch_up_wait_ends_at_once_on_another_timeline(pg_cluster):
+    """A replica that does not stream a token's timeline will never replay that
+    history: the wait answers at once (here within the connection's 5 s statement
+    timeout, for a 60 s wait) with its position, which does not cover the token."""
+    replica = pg_cluster.replica("replica")
+    with psycopg.connect(replica.url(driver=""), autocommit=True) as conn:
+        conn.execute("SET statement_timeout = '5s'")
+        far = WalPosition(0x7FFFFFFF00000000, 99)
+        row = conn.execute(PG.catch_up_sql(far, 60.0)).fetchone()
+    answer = PG.caught_up(row)
+    assert isinstance(answer, WalPosition)
+    assert answer.timeline == 1
+    assert not answer >= far

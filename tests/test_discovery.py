@@ -316,32 +316,88 @@ def test_flask_status_shows_discovery(a_cluster, dns_server):
 def test_flask_workers_forked_after_discovery_resolve_on_their_own(a_cluster, dns_server):
     """gunicorn --preload: the app resolved and read before the fork; each child reads
     from the discovered replicas and resolves again itself (no lock or thread of the
-    parent's)."""
+    parent's). Its discovery counters start at 0, as its other counters do: the
+    multiprocess mirror sums the processes' counts, so a child that kept the parent's
+    would count the parent's resolutions once more."""
     from test_forks import run_children
 
     port = a_cluster.replicas[0].port
     dns_server.set_a(NAME, ["127.0.0.2", "127.0.0.3"])
-    app = _flask_app(a_cluster, dns_server)
+    app = _flask_app(a_cluster, dns_server, timeout=0.2)
     router = app.extensions["replicated"].router(app)
     client = app.test_client()
+    keys = ("position_checks", "discovery_resolutions", "discovery_failures")
     try:
         _flask_who(client)  # the prober runs, the pools hold connections
-        before = router.discovery.resolutions
+        dns_server.stop()  # a failure too, for the child not to inherit
+        failures = router.discovery.failures
+        _wait(lambda: _flask_who(client) and router.discovery.failures > failures, "a failure")
+        dns_server.start()
+        _wait(lambda: _flask_who(client) and router.discovery.status().error is None, "again")
+        assert all(router.metrics()[key] > 0 for key in keys)
 
         def child(index: int) -> dict[str, Any]:
+            at_fork = {key: router.metrics()[key] for key in keys}
             answers = sorted({_flask_who(client) for _ in range(20)})
             start = time.monotonic()
-            while router.discovery.resolutions <= before and time.monotonic() - start < 5:
+            while router.discovery.resolutions < 1 and time.monotonic() - start < 5:
                 _flask_who(client)
                 time.sleep(0.02)
-            return {"answers": answers, "resolved": router.discovery.resolutions > before}
+            return {
+                "at_fork": at_fork,
+                "answers": answers,
+                "resolved": router.discovery.resolutions >= 1,
+            }
 
         reports = run_children(child)
         assert reports == [
-            {"answers": [f"127.0.0.2:{port}:True", f"127.0.0.3:{port}:True"], "resolved": True}
+            {
+                "at_fork": dict.fromkeys(keys, 0),
+                "answers": [f"127.0.0.2:{port}:True", f"127.0.0.3:{port}:True"],
+                "resolved": True,
+            }
         ] * len(reports)
     finally:
         _dispose_flask(app)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_flask_the_dns_server_down_at_start_up_is_logged_as_no_replica_found_yet(
+    caplog: Any, fixed: bool
+) -> None:
+    """No replica was found before: reads go to the fixed replicas, or the primary."""
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY="discovery-tests",
+        SQLALCHEMY_DATABASE_URI="postgresql+psycopg://app:s3cret@127.0.0.1:1/app",
+        REPLICATED_REPLICA_DISCOVERY={
+            "url": "postgresql+psycopg://app:s3cret@replicas.test:1/app",
+            "timeout": 0.3,
+            "nameservers": ["127.0.0.1:9"],  # nothing answers there
+        },
+    )
+    if fixed:
+        app.config["REPLICATED_REPLICAS"] = {
+            "reporting": "postgresql+psycopg://app:s3cret@127.0.0.2:1/app"
+        }
+    SQLAlchemy(app)
+    with caplog.at_level(logging.WARNING, logger="replicated"):
+        router = FlaskReplicated(app).router(app)
+    try:
+        [record] = [r for r in caplog.records if r.getMessage().startswith("Could not resolve")]
+        where = "the fixed replicas" if fixed else "the primary"
+        start = (
+            "Could not resolve the replicas of 'REPLICATED_REPLICA_DISCOVERY' (A records of "
+            f"'{NAME}'): {str(router.discovery.status().error).rstrip('.')}. "
+        )
+        assert record.getMessage() == start + (
+            f"No replica has been found yet: reads go to {where} until the name resolves; "
+            "it is tried again every 30 s, and this is logged once until it resolves."
+        )
+        assert "s3cret" not in caplog.text
+        assert router.discovery.failures == 1
+    finally:
+        router.close()
 
 
 # -- Flask, SRV records ------------------------------------------------------------------
@@ -576,6 +632,30 @@ def test_bad_discovery_settings_fail_with_a_sentence_naming_the_key():
         "'postgresql://app@replicas.db.internal/app', 'interval': 30}, got "
         "'postgresql://app:***@replicas.test/app'."
     )
+
+
+def test_a_password_in_bad_discovery_engine_options_is_not_shown():
+    """Keys are shown, as names; no text in a value is, at any depth (any may be a secret)."""
+    url = "postgresql://app:s3cret@replicas.test/app"
+    start = (
+        "'REPLICATED_REPLICA_DISCOVERY['engine_options']' must be a dict of engine options, "
+        "such as {'pool_size': 10}, got "
+    )
+    cases = [
+        (
+            {"connect_args": {"password": "s3cret"}, 5: 1},
+            "{'connect_args': {'password': '***'}, 5: 1}.",
+        ),
+        ([("connect_args", {"password": "s3cret"})], "[('connect_args', {'password': '***'})]."),
+        ([("password", "s3cret"), ("pool_size", 5)], "[('password', '***'), ('pool_size', 5)]."),
+        ({"connect_args": {"passwd": 1234}, 5: 1}, "{'connect_args': {'passwd': '***'}, 5: 1}."),
+        (
+            {"connect_args": {"options": ["-c", "s3cret"]}, 5: 1},
+            "{'connect_args': {'options': ['***', '***']}, 5: 1}.",
+        ),
+    ]
+    for options, shown in cases:
+        assert _error({"url": url, "engine_options": options}) == start + shown
 
 
 def test_bad_engine_options_of_discovered_replicas_fail_at_start_up():

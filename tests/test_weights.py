@@ -37,6 +37,7 @@ from support import (
 
 from flask_replicated import FlaskReplicated, use_replica
 from replicated_core import ConfigError
+from replicated_core.config import load_config
 
 READS = 2_000
 WEIGHTS = {"replica": 3, "lagging": 1}
@@ -160,6 +161,52 @@ def test_a_replica_not_named_weighs_one_and_zero_is_accepted(tmp_path):
     app = _sqlite_app(tmp_path, REPLICATED_REPLICA_WEIGHTS={"r1": 0})
     router = FlaskReplicated(app).router(app)
     assert [router.spread.weight(n) for n in router.replicas] == [0.0, 1.0]
+
+
+DISCOVERY = {"url": "postgresql+psycopg://app@replicas.test/app"}
+
+
+def test_weights_of_another_database_with_discovery_only_are_accepted():
+    """Discovery alone gives the default database no fixed replica, which is not "every
+    replica at weight 0"; a weight for another database's replica is read as given."""
+    config = load_config(
+        {
+            "REPLICATED_REPLICA_DISCOVERY": DISCOVERY,
+            "REPLICATED_BIND_REPLICAS": {
+                "users": {"u1": "postgresql://app@h1/users", "u2": "postgresql://app@h2/users"}
+            },
+            "REPLICATED_REPLICA_WEIGHTS": {"u1": 3},
+        }
+    )
+    assert config.replica_weights == {"u1": 3.0}
+
+
+def test_a_fixed_replica_at_weight_0_beside_discovered_ones_is_accepted():
+    """Discovered replicas weigh 1, so a fixed one at 0 still leaves replicas to read."""
+    config = load_config(
+        {
+            "REPLICATED_REPLICA_DISCOVERY": DISCOVERY,
+            "REPLICATED_REPLICAS": {"reporting": "postgresql://app@reporting/app"},
+            "REPLICATED_REPLICA_WEIGHTS": {"reporting": 0},
+        }
+    )
+    assert config.replica_weights == {"reporting": 0.0}
+
+
+def test_every_replica_of_another_database_at_weight_0_is_refused_with_discovery():
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            {
+                "REPLICATED_REPLICA_DISCOVERY": DISCOVERY,
+                "REPLICATED_BIND_REPLICAS": {"users": {"u1": "postgresql://app@h1/users"}},
+                "REPLICATED_REPLICA_WEIGHTS": {"u1": 0},
+            }
+        )
+    assert str(caught.value) == (
+        f"'{KEY}' gives every replica of the database 'users' the weight 0, so no replica "
+        "would serve reads. Give at least one a positive weight (0 keeps a replica out of "
+        "rotation)."
+    )
 
 
 # -- in-process Flask on the cluster --------------------------------------------------
