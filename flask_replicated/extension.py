@@ -125,6 +125,11 @@ class FlaskReplicated:
             factory = db.session.session_factory
             factory.class_ = with_failover(factory.class_, self._router_of_session)
             self._hooked.add(db)
+        for each in databases:
+            if each.balanced is not None:
+                # Sticky reads on a replica behind one address: checked on the
+                # connection the session begins its transaction on.
+                each.balanced.listen(db.session.session_factory.class_)
         app.cli.add_command(self._cli())
         hooks = _Hooks(app, databases, db)
         _replace_teardown(app, db, hooks.close_session)

@@ -208,6 +208,11 @@ class QuartReplicated:
         routed = {key: each for key, each in databases.routers.items() if key is not None}
         other = {k: e for k, e in binds.items() if k not in by_node and k not in routed}
         session_class = with_failover(RoutingSession, _router_of_session)
+        for each in databases:
+            if each.balanced is not None:
+                # Sticky reads on a replica behind one address: checked on the
+                # connection the session begins its transaction on.
+                each.balanced.listen(session_class)
         sessions = async_sessionmaker(
             sync_session_class=session_class,
             router=router,

@@ -70,6 +70,7 @@ DEFAULTS: Mapping[str, object] = {
     "REPLICATED_CATCH_UP_TIMEOUT": 0.1,
     "REPLICATED_REPLICA_WEIGHTS": None,
     "REPLICATED_PREFER_LEAST_LAG": False,
+    "REPLICATED_BALANCED_REPLICAS": None,
     "REPLICATED_REPLICA_DISCOVERY": None,
     "REPLICATED_BIND_REPLICAS": None,
 }
@@ -150,6 +151,9 @@ class ReplicatedConfig:
     replica_weights: Mapping[str, float] = field(default_factory=dict)
     # Of the replicas that may serve a read, only the least lagging take it.
     prefer_least_lag: bool = False
+    # The replicas that are one address in front of several servers (a load balancer):
+    # a sticky read checks the client's position on the connection it reads on.
+    balanced_replicas: frozenset[str] = frozenset()
     # Replicas found through DNS, besides ``replicas``; None: none.
     discovery: DiscoverySpec | None = None
     # The replicas of each further database, by its bind key in SQLALCHEMY_BINDS
@@ -252,6 +256,11 @@ def load_config(settings: Mapping[str, object]) -> ReplicatedConfig:
         prefer_least_lag=_bool("REPLICATED_PREFER_LEAST_LAG", value),
         discovery=discovery,
         bind_replicas=bind_replicas,
+        balanced_replicas=_balanced(
+            value["REPLICATED_BALANCED_REPLICAS"],
+            [spec.name for spec in replicas] if replicas else list(replica_binds),
+            [spec.name for specs in bind_replicas.values() for spec in specs],
+        ),
     )
 
 
@@ -600,6 +609,30 @@ def _weights(
                 "reads. Give at least one a positive weight (0 keeps a replica out of rotation)."
             )
     return weights
+
+
+def _balanced(value: object, names: list[str], others: list[str]) -> frozenset[str]:
+    # ``names``: the replicas, by bind name or by their name in REPLICATED_REPLICAS;
+    # ``others``: those of the further databases (REPLICATED_BIND_REPLICAS).
+    key = "REPLICATED_BALANCED_REPLICAS"
+    if value is None:
+        return frozenset()
+    names = [*names, *others]
+    known = ", ".join(repr(n) for n in names)
+    if isinstance(value, str) or not isinstance(value, Iterable) or isinstance(value, Mapping):
+        raise ConfigError(
+            f"'{key}' must be a list of replica names, such as ['reader'], got "
+            f"{_shown(value)}. The replicas are: {known}."
+        )
+    balanced = list(value)
+    for name in balanced:
+        if not isinstance(name, str) or name not in names:
+            raise ConfigError(
+                f"'{key}' names {_shown(name)}, which is not a replica. The replicas are: {known}."
+            )
+    if len(set(balanced)) != len(balanced):
+        raise ConfigError(f"'{key}' names a replica twice: {_shown(balanced)}.")
+    return frozenset(balanced)
 
 
 def _methods(value: object) -> frozenset[str]:

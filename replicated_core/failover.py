@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy.exc import DBAPIError
 
 from .backends import ErrorKind, classify_driver_error
+from .balanced import ReplicaBehind
 from .intent import current_override, current_scope
 from .nodes import Node, Role
 
@@ -242,6 +243,14 @@ def _ready_to_retry(
     """
     if isinstance(bind_arguments, dict) and bind_arguments.get("bind") is not None:
         return False
+    if isinstance(error, ReplicaBehind):
+        # Raised as the transaction began on a balanced replica's connection, before
+        # the statement ran, with the reads already moved to the primary. A new
+        # transaction gives the connection back; a transaction that held more keeps
+        # it, unused (it read nothing there).
+        if first:
+            session.rollback()
+        return True
     node = _failed_replica(error, session)
     failure = classify_failure(error) if node is not None else None
     router = router_of(session) if failure is not None else None

@@ -47,6 +47,18 @@ _COUNTERS = (
     ("catch_up_checks", "Catch-up queries run on a replica."),
     ("catch_up_timeouts", "Catch-up queries that ended before the replica replayed the write."),
     (
+        "balanced_checks",
+        "Position checks of a sticky read on its own connection to a balanced replica.",
+    ),
+    (
+        "balanced_known",
+        "Sticky reads whose connection to a balanced replica had replayed the write already.",
+    ),
+    (
+        "balanced_behind",
+        "Sticky reads moved to the primary: their connection to a balanced replica was behind.",
+    ),
+    (
         "discovery_resolutions",
         "DNS resolutions of REPLICATED_REPLICA_DISCOVERY that answered with replicas.",
     ),

@@ -23,6 +23,7 @@ from sqlalchemy import event
 
 from . import intent
 from .backends import backend_for
+from .balanced import Balanced
 from .catchup import CatchUp
 from .config import ReplicatedConfig, StickyMode
 from .counters import Counters
@@ -183,6 +184,15 @@ class Router:
             self._scope_var,
         )
         self.requests.catch_up = self.catch_up
+        # Replicas behind one address: their sticky reads are checked on the connection
+        # they read on; the adapter installs it on its session class.
+        self.balanced = (
+            Balanced(self, config.balanced_replicas)
+            if self.health.probing
+            and any(n.name in config.balanced_replicas for n in self.replicas)
+            else None
+        )
+        self.requests.balanced = self.balanced
         self._warned_late_commit = False
         # The routers of the app's other databases (databases.py), for failover to find
         # the router of a replica that failed.
@@ -481,14 +491,22 @@ class Router:
         bound = override.max_lag if override is not None else None  # both may be given
         in_rotation = self.spread.in_rotation
         views = in_rotation(self.health.views())
-        caught_up = _caught_up(views, lsn, bound)
+        caught_up = self._caught_up(views, lsn, bound)
         catch_up = self.catch_up
         if not caught_up and catch_up is not None and catch_up.blocks:
             node = catch_up.pick(lsn, views, bound)
             if node is not None and catch_up.wait(node, lsn):
                 views = in_rotation(self.health.views())
-                caught_up = _caught_up(views, lsn, bound)
+                caught_up = self._caught_up(views, lsn, bound)
         return self._pick(caught_up, views)
+
+    def _caught_up(
+        self, views: Sequence[ReplicaView], lsn: Position, bound: float | None
+    ) -> list[Node]:
+        # A balanced replica is checked on the block's own connection instead.
+        if self.balanced is not None:
+            views = self.balanced.sticky_views(views, lsn)
+        return _caught_up(views, lsn, bound)
 
     async def await_token(self, value: str, max_lag: float | None = None) -> None:
         """Before an ``async with use_replica(after=value)`` block: wait, awaited, for
@@ -505,7 +523,7 @@ class Router:
         if isinstance(prober, TaskProber):
             await prober.ensure()  # a job may be the first reader of the process
         views = self.spread.in_rotation(self.health.views())
-        if _caught_up(views, token.lsn, max_lag):
+        if self._caught_up(views, token.lsn, max_lag):
             return
         node = catch_up.pick(token.lsn, views, max_lag)
         if node is not None:

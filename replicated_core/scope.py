@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from contextvars import ContextVar, Token
 
     from .backends import Position
+    from .balanced import Balanced
     from .catchup import CatchUp
     from .config import ReplicatedConfig
     from .counters import Counters
@@ -189,6 +190,9 @@ class Requests:
         self.thread_prober: ThreadProber | None = None
         # Waits for a replica to replay a sticky client's write (set by the router).
         self.catch_up: CatchUp | None = None
+        # The replicas behind one address, whose sticky reads are checked on their own
+        # connection (set by the router; None when there is none).
+        self.balanced: Balanced | None = None
         self._facts: dict[tuple[str, str | None, object, bool], RequestFacts] = {}
         self._names: dict[tuple[Reason, Node, bool], tuple[str, ...]] = {}
         self._with_writes: dict[tuple[str, ...], tuple[str, ...]] = {}
@@ -367,7 +371,8 @@ class Requests:
             return
         health = self._health
         views = self._spread.in_rotation(health.stable_views or health.views())
-        if decide(facts, sticky, self._primary, views)[0].reason is Reason.STICKY_REPLICAS_BEHIND:
+        seen = views if self.balanced is None else self.balanced.sticky_views(views, sticky.lsn)
+        if decide(facts, sticky, self._primary, seen)[0].reason is Reason.STICKY_REPLICAS_BEHIND:
             node = catch_up.pick(sticky.lsn, views)
             if node is not None:
                 await catch_up.wait_async(node, sticky.lsn)
@@ -378,9 +383,19 @@ class Requests:
         """What ``decide()`` answers from the replicas in rotation, narrowed and weighed
         by the spread, each with the counters a request so decided adds to."""
         spread = self._spread
-        decisions: Sequence[Decision] = decide(
-            facts, sticky, self._primary, spread.in_rotation(views)
-        )
+        ruled = spread.in_rotation(views)
+        balanced = self.balanced
+        decisions: Sequence[Decision]
+        if balanced is not None and sticky is not None and sticky.lsn is not None:
+            # Never dropped early: nothing tells that every server behind the balanced
+            # address has replayed the write.
+            ruled = balanced.sticky_views(ruled, sticky.lsn)
+            decisions = tuple(
+                Decision(d.node, d.reason) if d.drop_cookie else d
+                for d in decide(facts, sticky, self._primary, ruled)
+            )
+        else:
+            decisions = decide(facts, sticky, self._primary, ruled)
         cumulative = None
         if len(decisions) > 1:
             decisions, cumulative = spread.narrow(decisions, _node_of, views)
@@ -411,6 +426,12 @@ class Requests:
         return names
 
     # -- while it runs -------------------------------------------------------------
+
+    def move(self, scope: RequestScope, decision: Decision) -> None:
+        """Send the rest of ``scope``'s reads by ``decision`` (counted as such), after its
+        replica turned out not to have what it needs (balanced.py)."""
+        scope.settled_decision = decision
+        scope.counted = self._counter_names(decision, scope.sticky is not None)
 
     def scope(self) -> RequestScope | None:
         """The scope of the request this router is serving now, if any."""

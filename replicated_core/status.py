@@ -48,6 +48,9 @@ class NodeStatus:
     replayed).
     ``weight`` is the replica's share of reads (``REPLICATED_REPLICA_WEIGHTS``; 0: out
     of rotation), None for the primary.
+    ``balanced`` says the replica is one address in front of several servers
+    (``REPLICATED_BALANCED_REPLICAS``): its row is the server this check's connection
+    reached.
     ``lag_seconds`` is None where nothing tells how long those bytes have waited: one
     check sees bytes waiting but not since when, so a single ``status`` run (a process
     of its own) shows bytes and no time until the replica has caught up.
@@ -64,6 +67,7 @@ class NodeStatus:
     usable: bool
     error: str | None
     weight: float | None = None
+    balanced: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +136,9 @@ class ClusterStatus:
         )
 
     def to_table(self) -> str:
-        """The status as a plain-text table."""
-        header = (
+        """The status as a plain-text table; the ``balanced`` column only when a replica
+        is balanced."""
+        header: tuple[str, ...] = (
             "bind",
             "role",
             "address",
@@ -160,6 +165,12 @@ class ClusterStatus:
             )
             for n in self.nodes
         ]
+        if any(n.balanced for n in self.nodes):
+            rows = [(*header, "balanced")] + [
+                (*row, "-" if n.role == Role.PRIMARY.value else _yes(n.balanced))
+                for row, n in zip(rows[1:], self.nodes, strict=True)
+            ]
+            header = rows[0]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = [
             "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -268,9 +279,12 @@ def build_status(
         if row is None:
             continue  # joined since the queries were named
         weight = router.spread.weight(node)
+        balanced = node.name in router.config.balanced_replicas
         if isinstance(row, BaseException):
             router.health.mark_down(node, row)
-            nodes.append(_unreachable(node, row, secrets, marked_down=True, weight=weight))
+            nodes.append(
+                _unreachable(node, row, secrets, marked_down=True, weight=weight, balanced=balanced)
+            )
             continue
         backend = router.backends[node.name]
         probe = backend.replica_probe(row) if probing else None
@@ -305,6 +319,7 @@ def build_status(
                 if probe is None or probe.in_recovery
                 else "not in recovery: this is a primary, not a replica",
                 weight=weight,
+                balanced=balanced,
             )
         )
     discovery = router.discovery.status() if router.discovery is not None else None
@@ -358,6 +373,7 @@ def _unreachable(
     *,
     marked_down: bool,
     weight: float | None = None,
+    balanced: bool = False,
 ) -> NodeStatus:
     return NodeStatus(
         name=node.name,
@@ -371,6 +387,7 @@ def _unreachable(
         usable=False,
         error=describe_error(error, secrets),
         weight=weight,
+        balanced=balanced,
     )
 
 

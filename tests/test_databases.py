@@ -13,6 +13,8 @@ import os
 import secrets
 import sys
 import time
+import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -459,6 +461,40 @@ def test_counters_are_the_default_databases_and_each_counts_every_request(app):
 
 
 # -- config errors ---------------------------------------------------------------------
+
+
+def test_flask_a_balanced_replica_of_the_second_database_is_checked_on_its_connection(
+    cluster, haproxy_factory
+):
+    """The second database's one replica is HAProxy over 'replica' and 'lagging' (500 ms
+    late), named in REPLICATED_BALANCED_REPLICAS: its writer reads its rows back there,
+    checked on the read's own connection by that database's router."""
+    balancer = haproxy_factory([cluster.replica("replica"), cluster.replica("lagging")])
+    reader = balancer.url_for(_urls(cluster)[SECOND]["replica"])
+    app = flask_app(
+        cluster,
+        REPLICATED_BIND_REPLICAS={SECOND: {"b_reader": reader}},
+        REPLICATED_BALANCED_REPLICAS=["b_reader"],
+    )
+    try:
+        client = app.test_client()
+        client.get("/who")
+        stale, served = 0, Counter()
+        for _ in range(40):
+            name = uuid.uuid4().hex
+            assert client.post("/write/b", data={"name": name}).status_code == 200
+            body = client.get("/read").get_json()
+            stale += name not in body["b_names"]
+            served[body["b"]] += 1
+        second = next(
+            r for r in app.extensions["replicated"].databases(app) if r.balanced is not None
+        )
+        counts = second.metrics()
+    finally:
+        dispose(app)
+    assert stale == 0, served
+    assert served["primary"] == counts.get("balanced_behind", 0), (served, counts)
+    assert counts.get("balanced_checks", 0) > 0, counts
 
 
 def _config_error(cluster: Any, **config: Any) -> str:

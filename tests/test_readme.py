@@ -75,6 +75,7 @@ MULTIPROCESS_EXAMPLE = ("Prometheus metrics", 2)
 MULTIPROCESS_GUNICORN_CONF = ("Prometheus metrics", 3)
 DISCOVERY_CONFIG = ("Replicas discovered through DNS", 1)
 SEVERAL_DATABASES = ("Several databases", 1)
+BALANCED_EXAMPLE = ("Replicas behind one address", 1)
 TESTED = {
     FLASK_QUICKSTART,
     QUART_QUICKSTART,
@@ -85,6 +86,7 @@ TESTED = {
     MULTIPROCESS_GUNICORN_CONF,
     DISCOVERY_CONFIG,
     SEVERAL_DATABASES,
+    BALANCED_EXAMPLE,
 }
 
 
@@ -111,9 +113,9 @@ def load_snippet(tmp_path, monkeypatch, pg_cluster):
     """Import a README block as the module ``readme_snippet`` from a file of its own."""
     names = []
 
-    def load(key, driver, replica="lagging"):
+    def load(key, driver, replica="lagging", replica_url=None):
         monkeypatch.setenv("PRIMARY_URL", pg_cluster.primary.url(driver))
-        monkeypatch.setenv("REPLICA_URL", pg_cluster.replica(replica).url(driver))
+        monkeypatch.setenv("REPLICA_URL", replica_url or pg_cluster.replica(replica).url(driver))
         name = f"readme_snippet_{len(names)}"
         path = tmp_path / f"{name}.py"
         path.write_text(_source(key))
@@ -267,3 +269,43 @@ def test_the_celery_example_is_what_the_celery_test_runs():
     ):
         assert call in source
         assert call in app
+
+
+def test_the_balanced_example_reads_a_writers_rows_through_haproxy(
+    pg_cluster, haproxy_factory, no_item_table, load_snippet
+):
+    """The example's app behind HAProxy over 'replica' and 'lagging' (500 ms late): 20
+    POST-then-GET pairs by one client, none stale; the address is shown as balanced."""
+    balancer = haproxy_factory([pg_cluster.replica("replica"), pg_cluster.replica("lagging")])
+    url = balancer.url_for(pg_cluster.replica("replica").url("psycopg"))
+    module = load_snippet(BALANCED_EXAMPLE, "psycopg", replica_url=url)
+    app, db = module.app, module.db
+    pg_cluster.execute(pg_cluster.primary, "CREATE TABLE item (id SERIAL PRIMARY KEY)")
+    pg_cluster.wait_for_replay(include_delayed=True)
+
+    @app.post("/items")
+    def add():  # added by the test
+        item_id = db.session.execute(sa.text("INSERT INTO item DEFAULT VALUES RETURNING id"))
+        row = item_id.scalar()
+        db.session.commit()
+        return str(row)
+
+    @app.get("/items/<int:item_id>")
+    def get(item_id):
+        found = db.session.execute(sa.text(f"SELECT id FROM item WHERE id = {item_id}"))
+        return ("", 200) if found.scalar() is not None else ("", 404)
+
+    try:
+        client = app.test_client()
+        statuses = [
+            client.get(f"/items/{client.post('/items').text}").status_code for _ in range(20)
+        ]
+        assert statuses == [200] * 20
+        result = app.test_cli_runner().invoke(args=["replicated", "status"])
+        assert result.output.splitlines()[2].split()[-1] == "yes", result.output
+    finally:
+        app.extensions["replicated"].router(app).close()
+        for engine in {*db._app_engines[app].values()}:
+            engine.dispose()
+        for node in app.extensions["replicated"].router(app).replicas:
+            node.engine.dispose()

@@ -165,7 +165,13 @@ def _text(value: object) -> str | None:
 
 
 def _scalar(dbapi_connection: Any, sql: str) -> object:
-    """The first column of ``sql``'s first row, read in autocommit.
+    """The first column of ``sql``'s first row, read in autocommit (see ``_row``)."""
+    row = _row(dbapi_connection, sql)
+    return row[0] if row else None
+
+
+def _row(dbapi_connection: Any, sql: str) -> tuple[object, ...] | None:
+    """The first row of ``sql``, read in autocommit.
 
     One round trip, and no transaction left open (psycopg, psycopg2 and SQLAlchemy's
     asyncpg adaptation all have ``autocommit``). Inside an open transaction, which
@@ -188,7 +194,7 @@ def _scalar(dbapi_connection: Any, sql: str) -> object:
     finally:
         if switched:
             dbapi_connection.autocommit = False
-    return row[0] if row else None
+    return None if row is None else tuple(row)
 
 
 def _is_hex(payload: bytes, digits: int) -> bool:
@@ -230,6 +236,13 @@ class PostgreSQL:
         return CATCH_UP_SQL.format(
             rows=ms + 1, position=format_lsn(position), ms=ms, other_timeline=other_timeline
         )
+
+    def catch_up_on(
+        self, dbapi_connection: Any, position: WalPosition | int, timeout: float
+    ) -> WalPosition | int | None:
+        """``catch_up_sql`` on this connection (see ``_row``): in autocommit, so that
+        the wait is no snapshot of the transaction the request starts next."""
+        return self.caught_up(_row(dbapi_connection, self.catch_up_sql(position, timeout)))
 
     def caught_up(self, row: tuple[object, ...] | None) -> WalPosition | int | None:
         """The replay position the wait ended at, on the timeline received."""

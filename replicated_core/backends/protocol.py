@@ -96,6 +96,14 @@ class Backend(Protocol):
         None where a replica cannot be asked."""
         ...
 
+    def catch_up_on(
+        self, dbapi_connection: Any, position: Position, timeout: float
+    ) -> Position | None:
+        """Run ``catch_up_sql`` on this DBAPI connection, in autocommit (no transaction
+        left open), and return the replay position it ended at; None where there is
+        none. For a replica behind a load balancer: the server this connection reached."""
+        ...
+
     def caught_up(self, row: tuple[object, ...] | None) -> Position | None:
         """From the row of ``catch_up_sql`` (None: it gave none): how far the replica
         had replayed when the wait ended; None if it cannot tell (not a standby)."""

@@ -45,6 +45,10 @@ class NoPositions:
         """None: there is no position to wait for."""
         return
 
+    def catch_up_on(self, dbapi_connection: Any, position: object, timeout: float) -> None:
+        """None: there is no position to wait for."""
+        return
+
     def caught_up(self, row: tuple[object, ...] | None) -> None:
         """None: nothing is known."""
         return

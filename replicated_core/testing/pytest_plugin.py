@@ -25,12 +25,20 @@ if TYPE_CHECKING:
 
     from replicated_core.testing.dnsserver import DnsServer
     from replicated_core.testing.hacluster import HaCluster
-    from replicated_core.testing.pgcluster import PgCluster, ReplicaSpec
+    from replicated_core.testing.haproxy import BalancedAddress
+    from replicated_core.testing.pgcluster import PgCluster, PgNode, ReplicaSpec
 
     ClusterFactory = Callable[[Sequence[ReplicaSpec]], PgCluster]
+    BalancerFactory = Callable[[Sequence[PgNode]], BalancedAddress]
     HaClusterFactory = Callable[..., HaCluster]
 
-__all__ = ["dns_server", "ha_cluster_factory", "pg_cluster", "pg_cluster_factory"]
+__all__ = [
+    "dns_server",
+    "ha_cluster_factory",
+    "haproxy_factory",
+    "pg_cluster",
+    "pg_cluster_factory",
+]
 
 REQUIRE_POSTGRES_ENV = "REPLICATED_REQUIRE_POSTGRES"
 
@@ -161,6 +169,40 @@ def ha_cluster_factory() -> Iterator[HaClusterFactory]:
     finally:
         for cluster in reversed(clusters):
             cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def haproxy_factory() -> Iterator[BalancerFactory]:
+    """Start HAProxy on loopback in front of replicas: ``haproxy_factory([r1, r2])``
+    (nodes of a cluster) returns a ``BalancedAddress`` whose port balances new
+    connections over them round-robin (``mode tcp``); each is stopped at the end of
+    the session. Skips without the ``haproxy`` binary (fails instead when
+    ``REPLICATED_REQUIRE_POSTGRES=1``: CI installs both)."""
+    from replicated_core.testing.haproxy import BalancedAddress, find_haproxy
+
+    binary = find_haproxy()
+    if binary is None:
+        reason = (
+            "HAProxy was not found on PATH nor in /usr/sbin. Install it (Debian: 'apt-get"
+            " install haproxy') to run the tests of replicas behind one address."
+        )
+        if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":
+            pytest.fail(f"{reason} {REQUIRE_POSTGRES_ENV}=1 is set.", pytrace=False)
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="replicated-haproxy-"))
+    running: list[BalancedAddress] = []
+
+    def start(nodes: Sequence[PgNode]) -> BalancedAddress:
+        balancer = BalancedAddress.start(root, [(n.name, n.port) for n in nodes], binary=binary)
+        running.append(balancer)
+        return balancer
+
+    try:
+        yield start
+    finally:
+        for balancer in running:
+            balancer.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
