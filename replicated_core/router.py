@@ -383,12 +383,18 @@ class Router:
             return self.primary
         node = override.node if self._default else self._block_node(override)
         if node is None:
-            if override.after is not None:
-                node = self._replica_after(override.after, scope)
-            else:
-                node = self._replica_for_block(scope)
+            node = self._replica_for(override, scope)
             self._keep_pick(override, node)
         return node
+
+    def _replica_for(
+        self, override: Override, scope: RequestScope | None, failed: Sequence[Node] = ()
+    ) -> Node:
+        # A use_replica() block's node, none of ``failed``: after a token, one that has
+        # replayed it.
+        if override.after is not None:
+            return self._replica_after(override.after, scope, failed)
+        return self._replica_for_block(scope, failed)
 
     def _block_node(self, override: Override) -> Node | None:
         # The replica a use_replica() block reads from on this router's database (None:
@@ -428,16 +434,12 @@ class Router:
         ``failed`` failed, to none of them."""
         self.counters.add("retries")
         last = failed[-1]
-        views = [v for v in self.spread.in_rotation(self.health.views()) if v.node not in failed]
+        scope = self.requests.scope()
         override = current_override()
         if override is not None and self._block_node(override) is last:
-            bound = override.max_lag
-            usable = [
-                v.node for v in views if v.usable and (bound is None or v.lag_seconds <= bound)
-            ]
-            self._keep_pick(override, self._pick(usable, views))
-        scope = self.requests.scope()
+            self._keep_pick(override, self._replica_for(override, scope, failed))
         if scope is not None and scope.decision.node is last:
+            views = self._views(failed)
             choices = decide(scope.facts, scope.sticky, self.primary, views)
             again = self._choose(*self.spread.narrow(choices, _node_of, views))
             scope.decision = Decision(again.node, Reason.FAILOVER, again.drop_cookie)
@@ -468,7 +470,14 @@ class Router:
             )
         return codec.dumps(StickyToken(position))
 
-    def _replica_after(self, value: str, scope: RequestScope | None) -> Node:
+    def _views(self, failed: Sequence[Node] = ()) -> list[ReplicaView]:
+        # The replicas in rotation, but ``failed``.
+        views = self.spread.in_rotation(self.health.views())
+        return [v for v in views if v.node not in failed] if failed else list(views)
+
+    def _replica_after(
+        self, value: str, scope: RequestScope | None, failed: Sequence[Node] = ()
+    ) -> Node:
         # use_replica(after=token): a replica that has replayed the token's position.
         prober = self._prober
         if scope is None and prober is not None:
@@ -480,23 +489,22 @@ class Router:
         if token is None:
             if codec is not None and codec.no_entry(value):
                 # Only of the app's other databases: nothing to wait for on this one.
-                return self._replica_for_block(scope)
+                return self._replica_for_block(scope, failed)
             return self.primary  # a token that does not check: the safe choice
         if token.lsn is None:
             # Only "its holder wrote": the primary for the sticky time, as a cookie.
             fresh = codec is not None and codec.loads(value, self._sticky_ttl) is not None
-            return self.primary if fresh else self._replica_for_block(scope)
+            return self.primary if fresh else self._replica_for_block(scope, failed)
         lsn = token.lsn
         override = override_var.get()
         bound = override.max_lag if override is not None else None  # both may be given
-        in_rotation = self.spread.in_rotation
-        views = in_rotation(self.health.views())
+        views = self._views(failed)
         caught_up = self._caught_up(views, lsn, bound)
         catch_up = self.catch_up
         if not caught_up and catch_up is not None and catch_up.blocks:
             node = catch_up.pick(lsn, views, bound)
             if node is not None and catch_up.wait(node, lsn):
-                views = in_rotation(self.health.views())
+                views = self._views(failed)
                 caught_up = self._caught_up(views, lsn, bound)
         return self._pick(caught_up, views)
 
@@ -529,21 +537,27 @@ class Router:
         if node is not None:
             await catch_up.wait_async(node, token.lsn)
 
-    def _replica_for_block(self, scope: RequestScope | None) -> Node:
+    def _replica_for_block(self, scope: RequestScope | None, failed: Sequence[Node] = ()) -> Node:
         override = override_var.get()
         bound = override.max_lag if override is not None else None
-        if bound is None and scope is not None and scope.decision.node.role is Role.REPLICA:
-            return scope.decision.node
+        request_node = None if scope is None else scope.decision.node
+        if (
+            bound is None
+            and request_node is not None
+            and request_node.role is Role.REPLICA
+            and request_node not in failed
+        ):
+            return request_node
         prober = self._prober
         if scope is None and prober is not None:
             # A job outside requests may be the first reader of the process.
             prober.ensure_started()
-        views = self.spread.in_rotation(self.health.views())
+        views = self._views(failed)
         if bound is None:
             return self._pick([view.node for view in views if view.usable], views)
         within = [v.node for v in views if v.usable and v.lag_seconds <= bound]
-        if scope is not None and scope.decision.node in within:
-            return scope.decision.node  # the request's replica, if it is within the bound
+        if request_node is not None and request_node in within:
+            return request_node  # the request's replica, if it is within the bound
         return self._pick(within, views)
 
     # -- guards ------------------------------------------------------------------

@@ -244,6 +244,22 @@ def make_quart_app(
     return app
 
 
+def terminate_backends(killer: sa.Engine, application_name: str) -> None:
+    """End every backend named ``application_name`` on the server ``killer`` connects
+    to, and wait (bounded) until they have exited: the app's pooled connections then
+    fail at their next statement, as when a server restarts under them."""
+    mine = "FROM pg_stat_activity WHERE application_name = :name AND pid <> pg_backend_pid()"
+    named = {"name": application_name}
+    with killer.begin() as conn:
+        conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) {mine}"), named)
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        with killer.connect() as conn:
+            if conn.execute(sa.text(f"SELECT count(*) {mine}"), named).scalar() == 0:
+                return
+        time.sleep(0.01)
+
+
 async def text_of(response: Any) -> str:
     data: str = await response.get_data(as_text=True)
     return data

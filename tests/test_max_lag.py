@@ -182,7 +182,7 @@ def test_a_read_retried_in_a_bounded_block_never_goes_outside_the_bound(
     import time
 
     import sqlalchemy as sa
-    from support import dispose_flask_app, make_flask_app
+    from support import dispose_flask_app, make_flask_app, terminate_backends
 
     # A short downtime: the prober's own check may take the terminated connection
     # from the pool and mark 'replica' down; the next try then finds it back.
@@ -236,7 +236,7 @@ def test_a_read_retried_in_a_bounded_block_never_goes_outside_the_bound(
                     # dies under it at its first statement: every connection of this
                     # app to 'replica' is terminated in between.
                     db.session.commit()
-                    _terminate(killer)
+                    terminate_backends(killer, APP_NAME)
                     retried = backend.who(db.session)
                 db.session.remove()
                 seen.append((first, retried, router.metrics().get("retries", 0) > before))
@@ -251,21 +251,3 @@ def test_a_read_retried_in_a_bounded_block_never_goes_outside_the_bound(
     finally:
         killer.dispose()
         dispose_flask_app(app)
-
-
-def _terminate(killer: Any) -> None:
-    """End every backend of the app (``APP_NAME``) on the replica ``killer`` connects
-    to, and wait (bounded) until they have exited."""
-    import time
-
-    import sqlalchemy as sa
-
-    mine = "FROM pg_stat_activity WHERE application_name = :name AND pid <> pg_backend_pid()"
-    with killer.begin() as conn:
-        conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) {mine}"), {"name": APP_NAME})
-    end = time.monotonic() + 5
-    while time.monotonic() < end:
-        with killer.connect() as conn:
-            if conn.execute(sa.text(f"SELECT count(*) {mine}"), {"name": APP_NAME}).scalar() == 0:
-                return
-        time.sleep(0.01)

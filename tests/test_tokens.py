@@ -6,13 +6,22 @@ write there."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import dispose_flask_app, make_flask_app, make_quart_app, text_of
+from support import (
+    dispose_flask_app,
+    make_flask_app,
+    make_quart_app,
+    terminate_backends,
+    text_of,
+)
 
 from replicated_core import use_replica
 from replicated_core.config import ConfigError, load_config
@@ -402,3 +411,118 @@ async def test_quart_use_replica_after_a_garbled_token_reads_on_the_primary(quar
         async with quart_app.app_context(), use_replica(after=value):
             who.add(await quart_app.who())
     assert who == {"primary"}
+
+
+# -- a job's replica fails: the retry keeps to the token --------------------------------
+
+RETRY_APP = "token-retry-test"
+
+
+def _retrying_app(backend: Any, make: Callable[..., Any], connect_args: dict[str, Any]) -> Any:
+    # Checks every 20 ms and a short downtime: the prober may take a terminated
+    # connection from the pool and mark 'replica' down; the next try finds it back.
+    return make(
+        backend,
+        ["replica", "lagging"],
+        REPLICATED_CHECK_INTERVAL=0.02,
+        REPLICATED_REPLICA_DOWNTIME=0.3,
+        # Its connections are found by name on the replica, to be terminated.
+        SQLALCHEMY_ENGINE_OPTIONS={"connect_args": connect_args},
+    )
+
+
+@contextlib.contextmanager
+def _replay_paused(cluster: Any, name: str) -> Iterator[None]:
+    """``name`` replays nothing inside the block: it lacks every later write."""
+    node = cluster.replica(name)
+    cluster.execute(node, "SELECT pg_wal_replay_pause()")
+    try:
+        yield
+    finally:
+        cluster.execute(node, "SELECT pg_wal_replay_resume()")
+
+
+def test_flask_a_job_retried_off_its_replica_stays_where_the_token_holds(
+    postgresql_backend, pg_cluster
+):
+    """use_replica(after=token): the replica that had replayed the token loses its
+    connection at a statement of the block. The read is retried on a node that has the
+    token's position (the primary: 'lagging' is paused), never on one that lacks it."""
+    from flask_replicated import use_replica
+
+    app = _retrying_app(postgresql_backend, make_flask_app, {"application_name": RETRY_APP})
+    db, item, backend = app.db, app.Item, app.backend
+    rep = app.extensions["replicated"]
+    router = rep.router(app)
+    killer = sa.create_engine(postgresql_backend.url("replica"))
+    name = f"retried-{time.time()}"
+    seen: list[tuple[str, str, bool]] = []
+    try:
+        with _replay_paused(pg_cluster, "lagging"):
+            with app.app_context():
+                db.session.add(item(name=name))
+                db.session.commit()
+                token = rep.consistency_token()
+            end = time.monotonic() + 10  # bounded: tries until one is retried
+            while time.monotonic() < end and not (seen and seen[-1][0] == "replica"):
+                with app.app_context(), use_replica(after=token):
+                    first = backend.who(db.session)
+                    db.session.commit()
+                    if first == "replica":  # not yet in the cached positions: primary
+                        before = router.metrics().get("retries", 0)
+                        # The block's next transaction starts on a pooled connection
+                        # that dies under it at its first statement.
+                        terminate_backends(killer, RETRY_APP)
+                        retried = backend.who(db.session)
+                        found = name in db.session.scalars(sa.select(item.name)).all()
+                        if router.metrics().get("retries", 0) > before:
+                            seen.append((first, retried, found))
+                        else:
+                            seen.append(("not retried", retried, found))
+                time.sleep(0.02)
+    finally:
+        killer.dispose()
+        dispose_flask_app(app)
+    assert seen, "no try was retried"
+    assert seen[-1] == ("replica", "primary", True), seen
+
+
+async def test_quart_a_job_retried_off_its_replica_stays_where_the_token_holds(
+    postgresql_backend, pg_cluster
+):
+    from quart_replicated import use_replica
+
+    app = _retrying_app(
+        postgresql_backend,
+        make_quart_app,
+        {"server_settings": {"application_name": RETRY_APP}},
+    )
+    rep, item = app.rep, app.Item
+    router = rep.router(app)
+    killer = sa.create_engine(postgresql_backend.url("replica"))
+    name = f"quart-retried-{time.time()}"
+    seen: list[tuple[str, str, bool]] = []
+    try:
+        with _replay_paused(pg_cluster, "lagging"):
+            async with app.test_app():
+                token = await _quart_write(app, name)
+                end = time.monotonic() + 10
+                while time.monotonic() < end and not (seen and seen[-1][0] == "replica"):
+                    async with app.app_context(), use_replica(after=token):
+                        first = await app.who()
+                        await rep.session.commit()
+                        if first == "replica":
+                            before = router.metrics().get("retries", 0)
+                            await asyncio.to_thread(terminate_backends, killer, RETRY_APP)
+                            retried = await app.who()
+                            names = (await rep.session.scalars(sa.select(item.name))).all()
+                            retried_here = router.metrics().get("retries", 0) > before
+                            seen.append(
+                                (first if retried_here else "not retried", retried, name in names)
+                            )
+                    await asyncio.sleep(0.02)
+    finally:
+        killer.dispose()
+        await app.rep.dispose(app)
+    assert seen, "no try was retried"
+    assert seen[-1] == ("replica", "primary", True), seen
