@@ -386,3 +386,74 @@ class ServerProcess:
                 f"The processes {group_members(group)} of the server '{self.name}'"
                 " are still running after SIGKILL; stop them by hand."
             )
+
+
+class SlowCloseProxy:
+    """A TCP proxy on loopback to ``upstream`` (host, port) that passes bytes both
+    ways at once but holds a server's close back from its client for ``hold``
+    seconds: a server's last message (a FATAL error) reaches the client well before
+    the socket's end does, as it may through a loaded proxy or on a loaded client.
+    A context manager; its ``port`` is where clients connect."""
+
+    def __init__(self, upstream: tuple[str, int], hold: float = 2.0) -> None:
+        import threading
+
+        self.upstream = upstream
+        self.hold = hold
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port: int = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> SlowCloseProxy:
+        self._accepting.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._accepting.join(5)
+        for thread in self._threads:
+            thread.join(self.hold + 5)
+        for sock in self._sockets:
+            sock.close()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            server = socket.create_connection(self.upstream, timeout=5)
+            self._sockets += [client, server]
+            for source, target, hold in ((client, server, 0.0), (server, client, self.hold)):
+                thread = threading.Thread(
+                    target=self._pump, args=(source, target, hold), daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+
+    def _pump(self, source: socket.socket, target: socket.socket, hold: float) -> None:
+        # Bytes from ``source`` to ``target``; at ``source``'s end, ``hold`` seconds,
+        # then the end passed on. Bounded by the proxy's stop.
+        source.settimeout(0.1)
+        try:
+            while not self._stop.is_set():
+                try:
+                    data = source.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                target.sendall(data)
+            self._stop.wait(hold)
+        except OSError:
+            pass  # the other side went first
+        finally:
+            with contextlib.suppress(OSError):
+                target.shutdown(socket.SHUT_WR)
