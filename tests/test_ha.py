@@ -152,12 +152,15 @@ _LOGS: dict[str, str] = {}
 
 
 def _exceptions(log: str) -> list[str]:
-    """The distinct exception lines of a server log, with the request each was in."""
+    """The distinct exception lines of a server log, with the request each was in, and
+    the router's word on each replica (down, overdue, not in recovery, back)."""
     found: list[str] = []
     for line in log.splitlines():
-        if ("Exception on request" in line or re.match(r"^[\w.]+(Error|Exception):", line)) and (
-            line[:160] not in found
-        ):
+        if (
+            "Exception on request" in line
+            or re.match(r"^[\w.]+(Error|Exception):", line)
+            or line.startswith("Replica '")
+        ) and line[:160] not in found:
             found.append(line[:160])
     return found
 
@@ -407,7 +410,8 @@ def test_primary_changes_under_load(
     )
     assert report.doubled == []
     assert report.stale == [], report.stale[:3]
-    assert report.failed_reads == [], (report.failed_reads[:3], _exceptions(_LOGS[adapter]))
+    failed_reads = [(o.error, round(o.at - started, 2)) for o in report.failed_reads]
+    assert failed_reads == [], (failed_reads[:10], _exceptions(_LOGS[adapter]))
     assert report.writes_ok > 0
     assert all(o.at >= started - 1 for o in report.failed_writes), "writes failed before"
     assert any(o.ok and o.at > ended for o in outcomes if o.kind == "write"), "no recovery"
