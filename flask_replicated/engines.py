@@ -130,11 +130,7 @@ def discovered_engines(db: SQLAlchemy, app: Flask, spec: DiscoverySpec) -> Engin
     try:
         maker.make(None, spec.url, options).dispose()
     except Exception as error:
-        # The URL is left out of the message: it may hold a password.
-        raise ConfigError(
-            f"'REPLICATED_REPLICA_DISCOVERY' cannot make an engine ({type(error).__name__}): "
-            "check its 'url' and 'engine_options'."
-        ) from None
+        raise engine_error("REPLICATED_REPLICA_DISCOVERY", error, options) from None
 
     def make(name: str, url: URL) -> Engine:
         return maker.make(name, url, options)
