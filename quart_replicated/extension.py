@@ -105,9 +105,16 @@ class _AppState:
         """The current position of ``router``'s primary (one round trip)."""
         backend = router.backend
         async with self.by_node[router.primary.name].connect() as conn:
-            return await conn.run_sync(
-                lambda sync: backend.read_primary_position(sync.connection.dbapi_connection)
-            )
+            try:
+                return await conn.run_sync(
+                    lambda sync: backend.read_primary_position(sync.connection.dbapi_connection)
+                )
+            except Exception:
+                # Read below SQLAlchemy's error handling, so nothing drops a connection
+                # its server ended: back in the pool (asyncpg's rollback there does
+                # nothing outside a transaction), it would fail every later call.
+                await conn.invalidate()
+                raise
 
     async def probe_replica(self, node: Node) -> ReplicaProbe:
         """Read a replica's replay position and lag: one round trip on a pooled

@@ -138,3 +138,30 @@ def test_flask_a_read_on_a_connection_its_replica_ended_is_served(
         dispose_flask_app(app)
     assert response.status_code == 200
     assert response.text == ("replica" if pre_ping else "primary")
+
+
+@pytest.mark.parametrize("through", ["proxy", "direct"])
+async def test_quart_a_token_read_on_a_connection_its_primary_ended_fails_once_only(
+    request: pytest.FixtureRequest, postgresql_backend: Backend, through: str
+) -> None:
+    """consistency_token() outside a request reads the primary's position on a pooled
+    connection, below SQLAlchemy's error handling. Without pre-ping the first call on a
+    connection its server ended fails, as any first use does; the calls after it must
+    not (that connection was left in the pool, and every later call failed on it)."""
+    backend = request.getfixturevalue("proxied") if through == "proxy" else postgresql_backend
+    app = make_quart_app(backend, **_config("quart", False))
+    outcomes: list[str] = []
+    async with app.test_app():
+        async with app.app_context():
+            await app.rep.consistency_token()  # a pooled primary connection
+        await asyncio.to_thread(_terminate, postgresql_backend, "primary")
+        await asyncio.sleep(SETTLE)
+        for _ in range(3):
+            try:
+                async with app.app_context():
+                    await app.rep.consistency_token()
+                outcomes.append("token")
+            except Exception as error:
+                outcomes.append(type(error).__name__)
+    await app.rep.dispose(app)
+    assert outcomes[1:] == ["token", "token"], outcomes
