@@ -626,6 +626,10 @@ class Router:
         try:
             lsn = self.backend.read_primary_position(dbapi_connection)
         except Exception as error:
+            # Read below SQLAlchemy's error handling: nothing else tells the pool that
+            # the connection may be gone (its server ended it after the commit, as in a
+            # failover). It is replaced at its next checkout rather than handed out.
+            record.invalidate(error, soft=True)
             logger.warning(
                 "Could not read the primary's position (%s): this client stays on the "
                 "primary for the sticky time instead.",

@@ -165,3 +165,64 @@ async def test_quart_a_token_read_on_a_connection_its_primary_ended_fails_once_o
                 outcomes.append(type(error).__name__)
     await app.rep.dispose(app)
     assert outcomes[1:] == ["token", "token"], outcomes
+
+
+async def test_quart_a_connection_that_dies_before_its_position_is_read_is_not_reused(
+    proxied: Backend, postgresql_backend: Backend
+) -> None:
+    """After a request's commit, the primary's position is read on the same connection
+    as it goes back to the pool. If its server ends it just then (a failover), that
+    read fails; the connection must not be handed out again, or the next request's
+    first statement fails on it (no pre-ping here)."""
+    app = make_quart_app(proxied, **{**_config("quart", False), "REPLICATED_STICKY_MODE": "wal"})
+    ended = False
+
+    def end_it(dbapi_connection: Any, record: Any, state: Any) -> None:
+        # Before the router's own reset listener, once: the server ends the connection
+        # after the commit, and its FATAL is in the socket when the position is read.
+        nonlocal ended
+        if not ended:
+            ended = True
+            _terminate(postgresql_backend, "primary")
+            time.sleep(SETTLE)
+
+    async with app.test_app():
+        client = app.test_client()
+        primary = app.rep._apps[app].by_node["master"].sync_engine
+        sa.event.listen(primary.pool, "reset", end_it, insert=True)
+        statuses = []
+        for name in ("before-the-end", "after-the-end"):
+            try:
+                statuses.append((await client.post("/items", form={"name": name})).status_code)
+            except Exception as error:  # Quart's test client re-raises the view's error
+                statuses.append(type(error).__name__)
+    await app.rep.dispose(app)
+    assert ended
+    assert statuses == [303, 303], (statuses, app.errors)
+
+
+def test_flask_a_connection_that_dies_before_its_position_is_read_is_not_reused(
+    proxied: Backend, postgresql_backend: Backend
+) -> None:
+    app = make_flask_app(proxied, **{**_config("flask", False), "REPLICATED_STICKY_MODE": "wal"})
+    ended = False
+
+    def end_it(dbapi_connection: Any, record: Any, state: Any) -> None:
+        nonlocal ended
+        if not ended:
+            ended = True
+            _terminate(postgresql_backend, "primary")
+            time.sleep(SETTLE)
+
+    try:
+        with app.app_context():
+            sa.event.listen(app.db.engine.pool, "reset", end_it, insert=True)
+        client = app.test_client()
+        statuses = [
+            client.post("/items", data={"name": name}).status_code
+            for name in ("before-the-end", "after-the-end")
+        ]
+    finally:
+        dispose_flask_app(app)
+    assert ended
+    assert statuses == [303, 303]
