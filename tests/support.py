@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -390,14 +391,15 @@ class ServerProcess:
 
 class SlowCloseProxy:
     """A TCP proxy on loopback to ``upstream`` (host, port) that passes bytes both
-    ways at once but holds a server's close back from its client for ``hold``
-    seconds: a server's last message (a FATAL error) reaches the client well before
-    the socket's end does, as it may through a loaded proxy or on a loaded client.
-    A context manager; its ``port`` is where clients connect."""
+    ways at once but, when a server ends a connection unasked (nothing from its
+    client since the server last spoke), holds that end back from the client for
+    ``hold`` seconds, or until the client speaks or ends its side: the server's last
+    message (a FATAL error) reaches the client well before the socket's end does, as
+    it may through a loaded proxy or on a loaded client. A close the client asked
+    for (its Terminate message) passes at once. A context manager; its ``port`` is
+    where clients connect."""
 
-    def __init__(self, upstream: tuple[str, int], hold: float = 2.0) -> None:
-        import threading
-
+    def __init__(self, upstream: tuple[str, int], hold: float = 10.0) -> None:
         self.upstream = upstream
         self.hold = hold
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -406,6 +408,7 @@ class SlowCloseProxy:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sockets: list[socket.socket] = []
+        self._holds: list[threading.Event] = []
         self._accepting = threading.Thread(target=self._accept, daemon=True)
 
     def __enter__(self) -> SlowCloseProxy:
@@ -415,6 +418,8 @@ class SlowCloseProxy:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._accepting.join(5)
+        for held in self._holds:
+            held.set()
         for thread in self._threads:
             thread.join(self.hold + 5)
         for sock in self._sockets:
@@ -422,25 +427,37 @@ class SlowCloseProxy:
         self._listener.close()
 
     def _accept(self) -> None:
-        import threading
-
         while not self._stop.is_set():
             try:
                 client, _ = self._listener.accept()
             except TimeoutError:
                 continue
-            server = socket.create_connection(self.upstream, timeout=5)
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()  # as a refused connect: the client sees its end
+                continue
             self._sockets += [client, server]
-            for source, target, hold in ((client, server, 0.0), (server, client, self.hold)):
+            # Set while the client spoke last (or has ended): the server's end then
+            # answers it, and passes at once.
+            client_last = threading.Event()
+            self._holds.append(client_last)
+            for source, target, is_client in ((client, server, True), (server, client, False)):
                 thread = threading.Thread(
-                    target=self._pump, args=(source, target, hold), daemon=True
+                    target=self._pump, args=(source, target, is_client, client_last), daemon=True
                 )
                 self._threads.append(thread)
                 thread.start()
 
-    def _pump(self, source: socket.socket, target: socket.socket, hold: float) -> None:
-        # Bytes from ``source`` to ``target``; at ``source``'s end, ``hold`` seconds,
-        # then the end passed on. Bounded by the proxy's stop.
+    def _pump(
+        self,
+        source: socket.socket,
+        target: socket.socket,
+        is_client: bool,
+        client_last: threading.Event,
+    ) -> None:
+        # Bytes from ``source`` to ``target``, then its end passed on (the server's
+        # held back, as the class says). Bounded by the proxy's stop.
         source.settimeout(0.1)
         try:
             while not self._stop.is_set():
@@ -450,10 +467,17 @@ class SlowCloseProxy:
                     continue
                 if not data:
                     break
+                if is_client:
+                    client_last.set()
+                else:
+                    client_last.clear()
                 target.sendall(data)
-            self._stop.wait(hold)
+            if not is_client:
+                client_last.wait(self.hold)  # or the proxy's stop, which sets it
         except OSError:
             pass  # the other side went first
         finally:
+            if is_client:
+                client_last.set()
             with contextlib.suppress(OSError):
                 target.shutdown(socket.SHUT_WR)

@@ -6,7 +6,7 @@ asyncpg reads that error on an idle connection as soon as it arrives, and its
 protocol is stuck from then on: the next operation raises ``InternalClientError``
 ("cannot switch to state 15; another operation (2) is in progress"). This was seen
 in tests/test_ha.py's failovers through HAProxy. Here a proxy on loopback holds the
-close back for two seconds, so the window is wide enough to test.
+close back for ten seconds, so the window is wide enough to test.
 
 SQLAlchemy 2.0.50 and later call that error a disconnect: the pool drops the
 connection, pre-ping reconnects, and a read moves on. With 2.0.49 the three Quart
@@ -35,7 +35,7 @@ from support import (
 )
 
 APP_NAME = "broken-connection-test"
-SETTLE = 0.3  # seconds for the FATAL to reach the client (the close comes 2 s later)
+SETTLE = 0.3  # seconds for the FATAL to reach the client (the close comes 10 s later)
 
 
 @pytest.fixture
