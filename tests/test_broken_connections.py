@@ -167,6 +167,22 @@ async def test_quart_a_token_read_on_a_connection_its_primary_ended_fails_once_o
     assert outcomes[1:] == ["token", "token"], outcomes
 
 
+class _EndOnce:
+    """A pool ``reset`` listener, put before the router's own: the first time, the
+    server ends the connection going back to the pool after its commit, and its FATAL
+    is in the socket when the router reads the primary's position on it."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.ended = False
+
+    def __call__(self, dbapi_connection: Any, record: Any, state: Any) -> None:
+        if not self.ended:
+            self.ended = True
+            _terminate(self.backend, "primary")
+            time.sleep(SETTLE)
+
+
 async def test_quart_a_connection_that_dies_before_its_position_is_read_is_not_reused(
     proxied: Backend, postgresql_backend: Backend
 ) -> None:
@@ -175,17 +191,7 @@ async def test_quart_a_connection_that_dies_before_its_position_is_read_is_not_r
     read fails; the connection must not be handed out again, or the next request's
     first statement fails on it (no pre-ping here)."""
     app = make_quart_app(proxied, **{**_config("quart", False), "REPLICATED_STICKY_MODE": "wal"})
-    ended = False
-
-    def end_it(dbapi_connection: Any, record: Any, state: Any) -> None:
-        # Before the router's own reset listener, once: the server ends the connection
-        # after the commit, and its FATAL is in the socket when the position is read.
-        nonlocal ended
-        if not ended:
-            ended = True
-            _terminate(postgresql_backend, "primary")
-            time.sleep(SETTLE)
-
+    end_it = _EndOnce(postgresql_backend)
     async with app.test_app():
         client = app.test_client()
         primary = app.rep._apps[app].by_node["master"].sync_engine
@@ -197,7 +203,7 @@ async def test_quart_a_connection_that_dies_before_its_position_is_read_is_not_r
             except Exception as error:  # Quart's test client re-raises the view's error
                 statuses.append(type(error).__name__)
     await app.rep.dispose(app)
-    assert ended
+    assert end_it.ended
     assert statuses == [303, 303], (statuses, app.errors)
 
 
@@ -205,15 +211,7 @@ def test_flask_a_connection_that_dies_before_its_position_is_read_is_not_reused(
     proxied: Backend, postgresql_backend: Backend
 ) -> None:
     app = make_flask_app(proxied, **{**_config("flask", False), "REPLICATED_STICKY_MODE": "wal"})
-    ended = False
-
-    def end_it(dbapi_connection: Any, record: Any, state: Any) -> None:
-        nonlocal ended
-        if not ended:
-            ended = True
-            _terminate(postgresql_backend, "primary")
-            time.sleep(SETTLE)
-
+    end_it = _EndOnce(postgresql_backend)
     try:
         with app.app_context():
             sa.event.listen(app.db.engine.pool, "reset", end_it, insert=True)
@@ -224,5 +222,5 @@ def test_flask_a_connection_that_dies_before_its_position_is_read_is_not_reused(
         ]
     finally:
         dispose_flask_app(app)
-    assert ended
+    assert end_it.ended
     assert statuses == [303, 303]
